@@ -1,0 +1,15 @@
+"""sofo: second-order forward-mode optimisation (SOFO) in JAX.
+
+Gauss-Newton steps in a random K-dimensional subspace, computed with forward-mode derivatives only
+(Yu, Xia, Ma, Lengyel & Hennequin, NeurIPS 2024).
+"""
+
+from sofo._engine import SofoInfo, value_and_sofo_grad, value_and_sofo_grad_scan
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "SofoInfo",
+    "value_and_sofo_grad",
+    "value_and_sofo_grad_scan",
+]

@@ -1,0 +1,123 @@
+"""Argument checks shared by every front: each raises before any work, naming the argument and the fix."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOSSES = ("mse", "ce", "exact")
+SAMPLERS = ("normal", "orthonormal")
+
+
+def check_config(*, tangent_size: Any, damping: Any, loss: Any, sampler: Any) -> None:
+    """Validates the engine's hyperparameters."""
+    if isinstance(tangent_size, bool) or not isinstance(tangent_size, numbers.Integral) or tangent_size < 1:
+        raise ValueError(
+            f"tangent_size must be a positive int (the number K of random tangents per step); "
+            f"got {tangent_size!r}. Pass e.g. tangent_size=100."
+        )
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+        raise ValueError(
+            f"damping must be a finite non-negative float (relative to the top curvature eigenvalue); "
+            f"got {damping!r}. Pass e.g. damping=1e-5."
+        )
+    if not math.isfinite(float(damping)) or float(damping) < 0:
+        raise ValueError(
+            f"damping must be a finite non-negative float (relative to the top curvature eigenvalue); "
+            f"got {damping!r}. Pass e.g. damping=1e-5."
+        )
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(
+            f"loss={loss!r} is not a known curvature; choose one of {', '.join(map(repr, LOSSES))} "
+            f"('mse' for 0.5*mean squared error, 'ce' for softmax cross-entropy, 'exact' for any loss)."
+        )
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise ValueError(
+            f"sampler={sampler!r} is not a known tangent sampler; choose one of "
+            f"{', '.join(map(repr, SAMPLERS))}."
+        )
+
+
+def as_key(key: Any) -> jax.Array:
+    """Returns a typed PRNG key from a typed key, a legacy uint32[2] key or an int seed."""
+    if isinstance(key, bool) or isinstance(key, np.bool_):
+        raise TypeError(f"key must be a jax.random.key, a legacy PRNGKey or an int seed; got the bool {key!r}.")
+    if isinstance(key, numbers.Integral):
+        return jax.random.key(int(key))
+    dtype = getattr(key, "dtype", None)
+    shape = getattr(key, "shape", None)
+    if dtype is None or shape is None:
+        raise TypeError(
+            f"key must be a jax.random.key, a legacy PRNGKey or an int seed; got {type(key).__name__}. "
+            f"Pass e.g. key=jax.random.key(0)."
+        )
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape != ():
+            raise ValueError(
+                f"key must be a single PRNG key; got a key array of shape {shape}. To run several keys, "
+                f"jax.vmap the returned function over them."
+            )
+        return key
+    if jnp.issubdtype(dtype, jnp.integer) and shape == ():
+        return jax.random.key(key)
+    if dtype == jnp.uint32 and shape == (2,):
+        return jax.random.wrap_key_data(key)
+    raise ValueError(
+        f"key must be a jax.random.key, a legacy uint32[2] PRNGKey or an int seed; got an array of "
+        f"dtype {dtype} and shape {shape}. Pass e.g. key=jax.random.key(0)."
+    )
+
+
+def check_params(params: Any, name: str = "params") -> int:
+    """Checks that `params` is a non-empty pytree of floating arrays; returns the number of parameters."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not leaves:
+        raise ValueError(f"{name} has no array leaves (got {params!r}); SOFO needs at least one float parameter.")
+    total = 0
+    for path, leaf in leaves:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None and isinstance(leaf, float):
+            dtype = jnp.result_type(leaf)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            where = jax.tree_util.keystr(path) or "(the root)"
+            raise TypeError(
+                f"{name}{where} has dtype {dtype if dtype is not None else type(leaf).__name__}; every leaf of "
+                f"{name} must be a floating array. Cast it (e.g. jnp.asarray(x, jnp.float32)) or close over it "
+                f"in the model function instead of passing it as a parameter."
+            )
+        total += int(np.prod(jnp.shape(leaf)))
+    if total == 0:
+        raise ValueError(f"{name} holds no numbers (every leaf is empty); SOFO needs at least one parameter.")
+    return total
+
+
+def check_outputs(outputs: Any, name: str) -> None:
+    """Checks (on shapes only) that a model returned a pytree of floating arrays."""
+    leaves = jax.tree_util.tree_flatten_with_path(outputs)[0]
+    if not leaves:
+        raise TypeError(f"{name} returned {outputs!r}, which holds no arrays; it must return the model outputs.")
+    for path, leaf in leaves:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            where = jax.tree_util.keystr(path)
+            raise TypeError(
+                f"{name} must return floating arrays (or a pytree of them); output{where} is "
+                f"{dtype if dtype is not None else type(leaf).__name__}."
+            )
+
+
+def check_scalar_loss(value: Any, name: str = "loss_fn") -> None:
+    """Checks (on shapes only) that a loss returned one floating scalar."""
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        got = f"shape {shape} and dtype {dtype}" if shape is not None else type(value).__name__
+        raise TypeError(
+            f"{name} must return a floating scalar (the loss to minimise); got {got}. Reduce it, "
+            f"e.g. with jnp.mean or jnp.sum."
+        )

@@ -1,0 +1,211 @@
+"""The SOFO engine: pure functions (key, params, ...) -> (value, direction, info).
+
+Every front (optax, brainstate-style transforms, benchmarks) calls these two functions; nothing else
+samples tangents, builds a curvature sketch or solves.
+
+References:
+  Yu, Xia, Ma, Lengyel & Hennequin, "Second-order forward-mode optimization of recurrent neural networks
+  for neuroscience", NeurIPS 2024.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sofo import _checks, _curvature, _solve, _tangents
+
+
+class SofoInfo(NamedTuple):
+    """Diagnostics of one SOFO step.
+
+    Attributes:
+      top_eigenvalue: the largest eigenvalue of the K x K curvature sketch (before clipping).
+      directional_derivatives: the K numbers v_k^T grad L.
+      curvature: the K x K sketch (JV)^T H_L (JV).
+    """
+
+    top_eigenvalue: jax.Array
+    directional_derivatives: jax.Array
+    curvature: jax.Array
+
+
+def _prepare(key, params, tangent_size, sampler):
+    """Checks key and params and draws the tangents (step 1)."""
+    key = _checks.as_key(key)
+    n = _checks.check_params(params)
+    if sampler == "orthonormal" and tangent_size > n:
+        raise ValueError(
+            f"sampler='orthonormal' needs tangent_size <= the number of parameters; got tangent_size="
+            f"{tangent_size} for {n} parameters. Lower tangent_size to at most {n} or use sampler='normal'."
+        )
+    return _tangents.sample(key, params, tangent_size, sampler), _tangents.compute_dtype(params)
+
+
+def _loss_directions(loss_fn, outputs, output_tangents):
+    """Step 3: the loss value (once) and its K directional derivatives, by forward mode."""
+    return jax.vmap(lambda u: jax.jvp(loss_fn, (outputs,), (u,)), out_axes=(None, 0))(output_tangents)
+
+
+def _finish(value, directional, curvature, tangents, damping):
+    """Steps 5-6: damped solve and projection back to parameter space."""
+    coefficients, top = _solve.damped_solve(curvature, directional, damping)
+    direction = _solve.combine(tangents, coefficients)
+    return value, direction, SofoInfo(top, directional, curvature)
+
+
+def value_and_sofo_grad(
+    fun: Callable[[Any], Any],
+    loss_fn: Callable[[Any], jax.Array],
+    *,
+    tangent_size: int = 100,
+    damping: float = 1e-5,
+    loss: str = "mse",
+    sampler: str = "normal",
+) -> Callable[[Any, Any], tuple[jax.Array, Any, SofoInfo]]:
+    """Builds the SOFO step for `loss_fn(fun(params))`.
+
+    Args:
+      fun: the model, `fun(params) -> outputs` (an array of any shape or a pytree of arrays).
+      loss_fn: `loss_fn(outputs) -> scalar`.
+      tangent_size: K, the number of random tangent directions per step.
+      damping: relative damping; the curvature sketch is damped by `damping * max_eig`.
+      loss: the curvature form: "mse" (H_L = I/B, B the outputs' leading-axis size), "ce" (softmax
+        cross-entropy over the last axis, averaged over all other axes) or "exact" (the Hessian of
+        `loss_fn` itself, by forward-over-reverse on the loss only; negative curvature is clipped).
+      sampler: "normal" (unit-norm Gaussian tangents) or "orthonormal" (K orthonormal vectors, K <= n).
+
+    Returns:
+      `f(key, params) -> (value, direction, info)`: `value = loss_fn(fun(params))`; `direction`, shaped
+      and typed like `params`, is V (G + damping * max_eig(G) I)^-1 V^T grad — a descent direction to
+      subtract (`params - lr * direction`); `info` is a `SofoInfo`. `key` is a `jax.random.key`, a legacy
+      `PRNGKey` or an int seed. `f` is pure: it jit-compiles and vmaps over keys.
+
+    References:
+      Yu et al., NeurIPS 2024, Algorithm 1.
+    """
+    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+
+    def value_and_direction(key, params):
+        tangents, dtype = _prepare(key, params, tangent_size, sampler)
+        out_shapes = jax.eval_shape(fun, params)
+        _checks.check_outputs(out_shapes, "fun")
+        _checks.check_scalar_loss(jax.eval_shape(loss_fn, out_shapes))
+        # Step 2: one batched forward pass; the primal is unbatched, so it is computed once.
+        outputs, output_tangents = jax.vmap(
+            lambda v: jax.jvp(fun, (params,), (v,)), out_axes=(None, 0)
+        )(tangents)
+        value, directional = _loss_directions(loss_fn, outputs, output_tangents)
+        curvature = _curvature.sketch(loss, loss_fn, outputs, output_tangents, dtype)
+        return _finish(value, directional, curvature, tangents, damping)
+
+    return value_and_direction
+
+
+def _leading_length(tree, name):
+    lengths = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree_util.tree_leaves(tree)}
+    if None in lengths:
+        raise ValueError(f"every leaf of {name} must have a leading time axis; found a scalar leaf.")
+    if len(lengths) > 1:
+        raise ValueError(f"the leaves of {name} disagree on the time length: {sorted(lengths)}.")
+    return lengths.pop() if lengths else None
+
+
+def value_and_sofo_grad_scan(
+    cell: Callable[[Any, Any, Any], tuple[Any, Any]],
+    loss_fn: Callable[[Any, Any], jax.Array],
+    *,
+    tangent_size: int = 100,
+    damping: float = 1e-5,
+    loss: str = "mse",
+    sampler: str = "normal",
+) -> Callable[[Any, Any, Any, Any, Any], tuple[jax.Array, Any, SofoInfo]]:
+    """Builds the recurrent SOFO step for sum_t loss_fn(y_t, ys[t]) with memory constant in T.
+
+    The K tangents' effect on the latent state is carried through `lax.scan`; the directional derivatives
+    and the K x K curvature are accumulated step by step, so no output tangent is kept for all T.
+
+    Args:
+      cell: `cell(params, z, x) -> (z_new, y)`; the latent `z` may be any pytree, but its structure,
+        shapes and dtypes must not change between steps.
+      loss_fn: `loss_fn(y_t, ys_t) -> scalar`; the total loss is its SUM over time (put masks or
+        per-step weights in `ys`).
+      tangent_size, damping, loss, sampler: as in `value_and_sofo_grad`; the curvature form applies to
+        each step's loss (so "mse" uses B = the leading-axis size of y_t).
+
+    Returns:
+      `f(key, params, z0, xs, ys) -> (value, direction, info)` with `xs`, `ys` time-major pytrees of equal
+      leading length T. The initial latent `z0` is not differentiated (make it a parameter of `cell` to
+      learn it). With the same key it draws the same tangents as `value_and_sofo_grad`, so on the unrolled
+      rollout with the summed loss both give the same direction.
+
+    References:
+      Yu et al., NeurIPS 2024, Section 3 (recurrent networks).
+    """
+    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+
+    def check_cell(params, z0, xs, ys):
+        t_xs, t_ys = _leading_length(xs, "xs"), _leading_length(ys, "ys")
+        if t_xs is None:
+            raise ValueError("xs holds no arrays; pass time-major inputs (use e.g. jnp.zeros((T, 0)) for none).")
+        if t_ys is not None and t_xs != t_ys:
+            raise ValueError(
+                f"xs and ys must have the same leading (time) length; got {t_xs} for xs and {t_ys} for ys."
+            )
+        x0 = jax.tree_util.tree_map(lambda a: a[0], xs)
+        y0 = jax.tree_util.tree_map(lambda a: a[0], ys)
+        result = jax.eval_shape(cell, params, z0, x0)
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise TypeError(
+                f"cell must return a pair (z_new, y); got {type(result).__name__}. Write the cell as "
+                f"`def cell(params, z, x): ...; return z_new, y`."
+            )
+        z_new, y = result
+        z_spec = jax.tree_util.tree_map(lambda a: (jnp.shape(a), jnp.result_type(a)), z0)
+        z_new_spec = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), z_new)
+        if z_spec != z_new_spec:
+            raise ValueError(
+                f"cell must return a latent with the same structure, shapes and dtypes as it receives; "
+                f"z0 is {z_spec} but cell returned {z_new_spec}."
+            )
+        _checks.check_outputs(y, "cell (its y output)")
+        _checks.check_scalar_loss(jax.eval_shape(loss_fn, y, y0))
+
+    def value_and_direction(key, params, z0, xs, ys):
+        tangents, dtype = _prepare(key, params, tangent_size, sampler)
+        check_cell(params, z0, xs, ys)
+        latent_tangents = jax.tree_util.tree_map(
+            lambda a: jnp.zeros((tangent_size,) + jnp.shape(a), jnp.result_type(a)), z0
+        )
+
+        def step(carry, inputs):
+            z, z_tangents, value, directional, curvature = carry
+            x, target = inputs
+            (z_new, y), (z_tangents, y_tangents) = jax.vmap(
+                lambda v, dz: jax.jvp(lambda p, zz: cell(p, zz, x), (params, z), (v, dz)),
+                out_axes=(None, 0),
+            )(tangents, z_tangents)
+            step_loss = lambda out: loss_fn(out, target)  # noqa: E731
+            step_value, step_directional = _loss_directions(step_loss, y, y_tangents)
+            step_curvature = _curvature.sketch(loss, step_loss, y, y_tangents, dtype)
+            return (
+                z_new,
+                z_tangents,
+                value + step_value,
+                directional + step_directional.astype(dtype),
+                curvature + step_curvature,
+            ), None
+
+        init = (
+            z0,
+            latent_tangents,
+            jnp.zeros((), dtype),
+            jnp.zeros((tangent_size,), dtype),
+            jnp.zeros((tangent_size, tangent_size), dtype),
+        )
+        (_, _, value, directional, curvature), _ = jax.lax.scan(step, init, (xs, ys))
+        return _finish(value, directional, curvature, tangents, damping)
+
+    return value_and_direction
