@@ -43,6 +43,33 @@ def check_config(*, tangent_size: Any, damping: Any, loss: Any, sampler: Any) ->
         )
 
 
+def check_chunk_size(tangent_chunk_size: Any) -> None:
+    """Validates `tangent_chunk_size` (None, or a positive int)."""
+    if tangent_chunk_size is None:
+        return
+    if (
+        isinstance(tangent_chunk_size, bool)
+        or not isinstance(tangent_chunk_size, numbers.Integral)
+        or tangent_chunk_size < 1
+    ):
+        raise ValueError(
+            f"tangent_chunk_size must be None (all tangents at once) or a positive int; got "
+            f"{tangent_chunk_size!r}. Pass e.g. tangent_chunk_size=32 to push 32 tangents at a time."
+        )
+
+
+def check_tangent_sharding(tangent_sharding: Any) -> None:
+    """Validates `tangent_sharding` (None, or a NamedSharding whose spec names the tangent axis first)."""
+    if tangent_sharding is None:
+        return
+    if not isinstance(tangent_sharding, jax.sharding.NamedSharding) or not tangent_sharding.spec:
+        raise TypeError(
+            f"tangent_sharding must be None or a jax.sharding.NamedSharding whose PartitionSpec names the "
+            f"mesh axis for the K tangents first, e.g. NamedSharding(mesh, PartitionSpec('k')); got "
+            f"{tangent_sharding!r}."
+        )
+
+
 def as_key(key: Any) -> jax.Array:
     """Returns a typed PRNG key from a typed key, a legacy uint32[2] key or an int seed."""
     if isinstance(key, bool) or isinstance(key, np.bool_):

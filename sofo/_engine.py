@@ -44,13 +44,54 @@ def _prepare(key, params, tangent_size, sampler):
     return _tangents.sample(key, params, tangent_size, sampler), _tangents.compute_dtype(params)
 
 
+def _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding):
+    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    _checks.check_chunk_size(tangent_chunk_size)
+    _checks.check_tangent_sharding(tangent_sharding)
+
+
+def _shard_tangents(tree, tangent_sharding):
+    """Pins the leading K axis of every leaf to the tangent mesh axis (tangent parallelism)."""
+    if tangent_sharding is None:
+        return tree
+    return jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, tangent_sharding), tree)
+
+
+def _push(fn, primals, tangents, tangent_chunk_size, tangent_sharding):
+    """Step 2: fn's outputs (computed once) and its K output tangents, by one batched forward pass.
+
+    With `tangent_chunk_size`, the tangents go through `lax.map` in chunks of that size, so the forward
+    pass holds intermediates for one chunk only (the primal is then recomputed per chunk: cheap next to
+    the chunk's tangents).
+    """
+    size = jax.tree_util.tree_leaves(tangents)[0].shape[0]
+    tangents = _shard_tangents(tangents, tangent_sharding)
+    if tangent_chunk_size is None or tangent_chunk_size >= size:
+        outputs, output_tangents = jax.vmap(
+            lambda *ts: jax.jvp(fn, primals, ts), out_axes=(None, 0)
+        )(*tangents)
+    else:
+        outputs = fn(*primals)
+        output_tangents = jax.lax.map(
+            lambda ts: jax.jvp(fn, primals, ts)[1], tangents, batch_size=tangent_chunk_size
+        )
+    return outputs, _shard_tangents(output_tangents, tangent_sharding)
+
+
 def _loss_directions(loss_fn, outputs, output_tangents):
     """Step 3: the loss value (once) and its K directional derivatives, by forward mode."""
     return jax.vmap(lambda u: jax.jvp(loss_fn, (outputs,), (u,)), out_axes=(None, 0))(output_tangents)
 
 
-def _finish(value, directional, curvature, tangents, damping):
-    """Steps 5-6: damped solve and projection back to parameter space."""
+def _finish(value, directional, curvature, tangents, damping, axis_name):
+    """Steps 5-6: damped solve and projection back to parameter space.
+
+    With `axis_name` (data parallelism under `shard_map`/`pmap`), each device holds a shard of the batch:
+    the loss, directional derivatives and curvature are averaged over the devices first, which is exact
+    for losses that average over equal-sized shards. Every device then solves the same K x K system.
+    """
+    if axis_name is not None:
+        value, directional, curvature = jax.lax.pmean((value, directional, curvature), axis_name)
     coefficients, top = _solve.damped_solve(curvature, directional, damping)
     direction = _solve.combine(tangents, coefficients)
     return value, direction, SofoInfo(top, directional, curvature)
@@ -64,6 +105,9 @@ def value_and_sofo_grad(
     damping: float = 1e-5,
     loss: str = "mse",
     sampler: str = "normal",
+    tangent_chunk_size: int | None = None,
+    axis_name: Any = None,
+    tangent_sharding: jax.sharding.NamedSharding | None = None,
 ) -> Callable[[Any, Any], tuple[jax.Array, Any, SofoInfo]]:
     """Builds the SOFO step for `loss_fn(fun(params))`.
 
@@ -76,6 +120,15 @@ def value_and_sofo_grad(
         cross-entropy over the last axis, averaged over all other axes) or "exact" (the Hessian of
         `loss_fn` itself, by forward-over-reverse on the loss only; negative curvature is clipped).
       sampler: "normal" (unit-norm Gaussian tangents) or "orthonormal" (K orthonormal vectors, K <= n).
+      tangent_chunk_size: push the tangents through the model this many at a time (`lax.map`) to bound
+        peak memory; the result is the same. None (default) pushes all K at once.
+      axis_name: for data parallelism inside `jax.shard_map` / `jax.pmap` with the batch split over this
+        mapped axis: the loss, directional derivatives and curvature are averaged across it (pass the
+        same key on every device). Not needed under plain `jax.jit` with sharded inputs, where XLA
+        inserts the reductions itself.
+      tangent_sharding: a `NamedSharding` whose spec names a mesh axis first, e.g.
+        `NamedSharding(mesh, PartitionSpec("k"))`: the K tangents (and their output tangents) are split
+        over that axis under `jax.jit`, for large K.
 
     Returns:
       `f(key, params) -> (value, direction, info)`: `value = loss_fn(fun(params))`; `direction`, shaped
@@ -86,20 +139,17 @@ def value_and_sofo_grad(
     References:
       Yu et al., NeurIPS 2024, Algorithm 1.
     """
-    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding)
 
     def value_and_direction(key, params):
         tangents, dtype = _prepare(key, params, tangent_size, sampler)
         out_shapes = jax.eval_shape(fun, params)
         _checks.check_outputs(out_shapes, "fun")
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, out_shapes))
-        # Step 2: one batched forward pass; the primal is unbatched, so it is computed once.
-        outputs, output_tangents = jax.vmap(
-            lambda v: jax.jvp(fun, (params,), (v,)), out_axes=(None, 0)
-        )(tangents)
+        outputs, output_tangents = _push(fun, (params,), (tangents,), tangent_chunk_size, tangent_sharding)
         value, directional = _loss_directions(loss_fn, outputs, output_tangents)
         curvature = _curvature.sketch(loss, loss_fn, outputs, output_tangents, dtype)
-        return _finish(value, directional, curvature, tangents, damping)
+        return _finish(value, directional, curvature, tangents, damping, axis_name)
 
     return value_and_direction
 
@@ -121,6 +171,9 @@ def value_and_sofo_grad_scan(
     damping: float = 1e-5,
     loss: str = "mse",
     sampler: str = "normal",
+    tangent_chunk_size: int | None = None,
+    axis_name: Any = None,
+    tangent_sharding: jax.sharding.NamedSharding | None = None,
 ) -> Callable[[Any, Any, Any, Any, Any], tuple[jax.Array, Any, SofoInfo]]:
     """Builds the recurrent SOFO step for sum_t loss_fn(y_t, ys[t]) with memory constant in T.
 
@@ -132,8 +185,9 @@ def value_and_sofo_grad_scan(
         shapes and dtypes must not change between steps.
       loss_fn: `loss_fn(y_t, ys_t) -> scalar`; the total loss is its SUM over time (put masks or
         per-step weights in `ys`).
-      tangent_size, damping, loss, sampler: as in `value_and_sofo_grad`; the curvature form applies to
-        each step's loss (so "mse" uses B = the leading-axis size of y_t).
+      tangent_size, damping, loss, sampler, tangent_chunk_size, axis_name, tangent_sharding: as in
+        `value_and_sofo_grad`; the curvature form applies to each step's loss (so "mse" uses B = the
+        leading-axis size of y_t), and chunking applies to each step's forward pass.
 
     Returns:
       `f(key, params, z0, xs, ys) -> (value, direction, info)` with `xs`, `ys` time-major pytrees of equal
@@ -144,7 +198,7 @@ def value_and_sofo_grad_scan(
     References:
       Yu et al., NeurIPS 2024, Section 3 (recurrent networks).
     """
-    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding)
 
     def check_cell(params, z0, xs, ys):
         t_xs, t_ys = _leading_length(xs, "xs"), _leading_length(ys, "ys")
@@ -183,10 +237,10 @@ def value_and_sofo_grad_scan(
         def step(carry, inputs):
             z, z_tangents, value, directional, curvature = carry
             x, target = inputs
-            (z_new, y), (z_tangents, y_tangents) = jax.vmap(
-                lambda v, dz: jax.jvp(lambda p, zz: cell(p, zz, x), (params, z), (v, dz)),
-                out_axes=(None, 0),
-            )(tangents, z_tangents)
+            (z_new, y), (z_tangents, y_tangents) = _push(
+                lambda p, zz: cell(p, zz, x), (params, z), (tangents, z_tangents), tangent_chunk_size,
+                tangent_sharding,
+            )
             step_loss = lambda out: loss_fn(out, target)  # noqa: E731
             step_value, step_directional = _loss_directions(step_loss, y, y_tangents)
             step_curvature = _curvature.sketch(loss, step_loss, y, y_tangents, dtype)
@@ -206,6 +260,6 @@ def value_and_sofo_grad_scan(
             jnp.zeros((tangent_size, tangent_size), dtype),
         )
         (_, _, value, directional, curvature), _ = jax.lax.scan(step, init, (xs, ys))
-        return _finish(value, directional, curvature, tangents, damping)
+        return _finish(value, directional, curvature, tangents, damping, axis_name)
 
     return value_and_direction

@@ -287,3 +287,26 @@ def test_bad_model_and_loss_outputs():
         sofo.value_and_sofo_grad(lambda p: p["w"], lambda y: y, tangent_size=2)(0, params)
     with pytest.raises(ValueError, match="class axis"):
         sofo.value_and_sofo_grad(lambda p: jnp.sum(p["w"]), lambda y: y, tangent_size=2, loss="ce")(0, params)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 64])
+def test_tangent_chunks_give_the_same_direction(chunk):
+    params, fun, targets, labels = mlp_problem(seed=4)
+    kwargs = dict(tangent_size=13, damping=DAMPING, loss="ce")
+    _, whole, info = jax.jit(sofo.value_and_sofo_grad(fun, ce_loss(labels), **kwargs))(2, params)
+    _, chunked, info_chunked = jax.jit(
+        sofo.value_and_sofo_grad(fun, ce_loss(labels), tangent_chunk_size=chunk, **kwargs)
+    )(2, params)
+    np.testing.assert_allclose(info_chunked.curvature, info.curvature, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(ravel_pytree(chunked)[0], ravel_pytree(whole)[0], rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, True, "4"])
+def test_bad_chunk_size(bad):
+    with pytest.raises(ValueError, match=f"tangent_chunk_size must be None .* got {bad!r}"):
+        sofo.value_and_sofo_grad(jnp.sin, jnp.sum, tangent_chunk_size=bad)
+
+
+def test_bad_tangent_sharding():
+    with pytest.raises(TypeError, match="tangent_sharding must be None or a jax.sharding.NamedSharding"):
+        sofo.value_and_sofo_grad(jnp.sin, jnp.sum, tangent_sharding="k")

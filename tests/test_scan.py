@@ -130,3 +130,14 @@ def test_scan_bad_inputs():
         sofo.value_and_sofo_grad_scan(cell, lambda y, t: y - t, tangent_size=3)(0, params, z0, xs, ys)
     with pytest.raises(TypeError, match=r"params\['n'\] has dtype int"):
         step(0, {**params, "n": jnp.arange(2)}, z0, xs, ys)
+
+
+def test_scan_tangent_chunks_give_the_same_direction():
+    params, cell, z0, xs, ys = rnn_problem(seed=3)
+    kwargs = dict(tangent_size=10, damping=1e-4, loss="mse")
+    step_loss = lambda y, t: 0.5 * jnp.mean(jnp.sum((y - t) ** 2, axis=-1))  # noqa: E731
+    _, whole, _ = jax.jit(sofo.value_and_sofo_grad_scan(cell, step_loss, **kwargs))(0, params, z0, xs, ys)
+    _, chunked, _ = jax.jit(sofo.value_and_sofo_grad_scan(cell, step_loss, tangent_chunk_size=3, **kwargs))(
+        0, params, z0, xs, ys
+    )
+    np.testing.assert_allclose(ravel_pytree(chunked)[0], ravel_pytree(whole)[0], rtol=1e-9, atol=1e-14)
