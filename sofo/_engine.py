@@ -33,7 +33,7 @@ class SofoInfo(NamedTuple):
 
 
 def _prepare(key, params, tangent_size, sampler):
-    """Checks key and params and draws the tangents (step 1)."""
+    """Checks the key and the params; returns the typed key and the dtype of the small linear algebra."""
     key = _checks.as_key(key)
     n = _checks.check_params(params)
     if sampler == "orthonormal" and tangent_size > n:
@@ -41,7 +41,7 @@ def _prepare(key, params, tangent_size, sampler):
             f"sampler='orthonormal' needs tangent_size <= the number of parameters; got tangent_size="
             f"{tangent_size} for {n} parameters. Lower tangent_size to at most {n} or use sampler='normal'."
         )
-    return _tangents.sample(key, params, tangent_size, sampler), _tangents.compute_dtype(params)
+    return key, _tangents.compute_dtype(params)
 
 
 def _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding):
@@ -83,18 +83,32 @@ def _loss_directions(loss_fn, outputs, output_tangents):
     return jax.vmap(lambda u: jax.jvp(loss_fn, (outputs,), (u,)), out_axes=(None, 0))(output_tangents)
 
 
-def _finish(value, directional, curvature, tangents, damping, axis_name):
+def _finish(value, directional, curvature, project, damping, axis_name):
     """Steps 5-6: damped solve and projection back to parameter space.
 
     With `axis_name` (data parallelism under `shard_map`/`pmap`), each device holds a shard of the batch:
     the loss, directional derivatives and curvature are averaged over the devices first, which is exact
     for losses that average over equal-sized shards. Every device then solves the same K x K system.
+    `project` maps the K coefficients to the parameter-space direction.
     """
     if axis_name is not None:
         value, directional, curvature = jax.lax.pmean((value, directional, curvature), axis_name)
     coefficients, top = _solve.damped_solve(curvature, directional, damping)
-    direction = _solve.combine(tangents, coefficients)
-    return value, direction, SofoInfo(top, directional, curvature)
+    return value, project(coefficients), SofoInfo(top, directional, curvature)
+
+
+def _streamed_direction(draw, indices, coefficients, params):
+    """h = sum_k c_k v_k with the tangents redrawn chunk by chunk (never all K at once)."""
+    dtype = coefficients.dtype
+    padded = jnp.zeros(indices.size, dtype).at[: coefficients.size].set(coefficients).reshape(indices.shape)
+
+    def accumulate(total, chunk):
+        part = _solve.combine(draw(chunk[0]), chunk[1], cast=False)
+        return jax.tree_util.tree_map(jnp.add, total, part), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+    total, _ = jax.lax.scan(accumulate, zeros, (indices, padded))
+    return jax.tree_util.tree_map(lambda h, p: h.astype(jnp.result_type(p)), total, params)
 
 
 def value_and_sofo_grad(
@@ -120,8 +134,11 @@ def value_and_sofo_grad(
         cross-entropy over the last axis, averaged over all other axes) or "exact" (the Hessian of
         `loss_fn` itself, by forward-over-reverse on the loss only; negative curvature is clipped).
       sampler: "normal" (unit-norm Gaussian tangents) or "orthonormal" (K orthonormal vectors, K <= n).
-      tangent_chunk_size: push the tangents through the model this many at a time (`lax.map`) to bound
-        peak memory; the result is the same. None (default) pushes all K at once.
+      tangent_chunk_size: push the tangents through the model this many at a time to bound peak memory;
+        the result is the same. With the "normal" sampler the tangents themselves are drawn chunk by
+        chunk (and drawn again to form the direction), so neither the K tangents nor the forward pass's
+        K-fold intermediates are held at once; "orthonormal" tangents come from one QR and are held
+        whole. None (default) pushes all K at once.
       axis_name: for data parallelism inside `jax.shard_map` / `jax.pmap` with the batch split over this
         mapped axis: the loss, directional derivatives and curvature are averaged across it (pass the
         same key on every device). Not needed under plain `jax.jit` with sharded inputs, where XLA
@@ -141,15 +158,36 @@ def value_and_sofo_grad(
     """
     _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding)
 
+    streamed = sampler == "normal" and tangent_chunk_size is not None and tangent_chunk_size < tangent_size
+
     def value_and_direction(key, params):
-        tangents, dtype = _prepare(key, params, tangent_size, sampler)
+        key, dtype = _prepare(key, params, tangent_size, sampler)
         out_shapes = jax.eval_shape(fun, params)
         _checks.check_outputs(out_shapes, "fun")
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, out_shapes))
-        outputs, output_tangents = _push(fun, (params,), (tangents,), tangent_chunk_size, tangent_sharding)
+        if streamed:
+            # Bounded memory: tangent k depends only on fold_in(key, k), so each chunk is drawn, pushed and
+            # dropped, and drawn again for the direction; only K output tangents are kept.
+            count = -(-tangent_size // tangent_chunk_size)
+            indices = jnp.arange(count * tangent_chunk_size).reshape(count, tangent_chunk_size)
+            draw = lambda ix: _tangents.sample(key, params, tangent_size, sampler, ix)  # noqa: E731
+            outputs = fun(params)
+            output_tangents = jax.lax.map(
+                lambda ix: jax.vmap(lambda v: jax.jvp(fun, (params,), (v,))[1])(draw(ix)), indices
+            )
+            output_tangents = jax.tree_util.tree_map(
+                lambda a: a.reshape((-1,) + a.shape[2:])[:tangent_size], output_tangents
+            )
+            project = lambda c: _streamed_direction(draw, indices, c, params)  # noqa: E731
+        else:
+            tangents = _tangents.sample(key, params, tangent_size, sampler)
+            outputs, output_tangents = _push(
+                fun, (params,), (tangents,), tangent_chunk_size, tangent_sharding
+            )
+            project = lambda c: _solve.combine(tangents, c)  # noqa: E731
         value, directional = _loss_directions(loss_fn, outputs, output_tangents)
         curvature = _curvature.sketch(loss, loss_fn, outputs, output_tangents, dtype)
-        return _finish(value, directional, curvature, tangents, damping, axis_name)
+        return _finish(value, directional, curvature, project, damping, axis_name)
 
     return value_and_direction
 
@@ -228,8 +266,9 @@ def value_and_sofo_grad_scan(
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, y, y0))
 
     def value_and_direction(key, params, z0, xs, ys):
-        tangents, dtype = _prepare(key, params, tangent_size, sampler)
+        key, dtype = _prepare(key, params, tangent_size, sampler)
         check_cell(params, z0, xs, ys)
+        tangents = _tangents.sample(key, params, tangent_size, sampler)
         latent_tangents = jax.tree_util.tree_map(
             lambda a: jnp.zeros((tangent_size,) + jnp.shape(a), jnp.result_type(a)), z0
         )
@@ -260,6 +299,7 @@ def value_and_sofo_grad_scan(
             jnp.zeros((tangent_size, tangent_size), dtype),
         )
         (_, _, value, directional, curvature), _ = jax.lax.scan(step, init, (xs, ys))
-        return _finish(value, directional, curvature, tangents, damping, axis_name)
+        project = lambda c: _solve.combine(tangents, c)  # noqa: E731
+        return _finish(value, directional, curvature, project, damping, axis_name)
 
     return value_and_direction

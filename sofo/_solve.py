@@ -31,10 +31,11 @@ def damped_solve(curvature: jax.Array, directional_derivatives: jax.Array, dampi
     return coefficients, top
 
 
-def combine(tangents: Any, coefficients: jax.Array) -> Any:
-    """h = sum_k c_k v_k, shaped and typed like one tangent (the parameters)."""
+def combine(tangents: Any, coefficients: jax.Array, cast: bool = True) -> Any:
+    """h = sum_k c_k v_k, shaped like one tangent; typed like the parameters (or, with cast=False, like c)."""
 
     def leaf(v):
-        return jnp.tensordot(coefficients, v.astype(coefficients.dtype), axes=1).astype(v.dtype)
+        h = jnp.tensordot(coefficients, v.astype(coefficients.dtype), axes=1)
+        return h.astype(v.dtype) if cast else h
 
     return jax.tree_util.tree_map(leaf, tangents)

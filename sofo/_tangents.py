@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def compute_dtype(params: Any) -> jnp.dtype:
@@ -14,29 +15,35 @@ def compute_dtype(params: Any) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-def sample(key: jax.Array, params: Any, tangent_size: int, sampler: str) -> Any:
-    """Draws `tangent_size` tangents; returns a pytree like `params` with a leading K axis on each leaf.
+def sample(key: jax.Array, params: Any, tangent_size: int, sampler: str, indices: jax.Array | None = None) -> Any:
+    """Draws tangents; returns a pytree like `params` with a leading tangent axis on each leaf.
 
-    `normal`: i.i.d. Gaussian tangents, each scaled to unit global L2 norm.
+    `normal`: i.i.d. Gaussian tangents, each scaled to unit global L2 norm. Tangent k depends only on
+    `fold_in(key, k)`, so any subset (`indices`) can be drawn on its own: chunked engines regenerate
+    their tangents chunk by chunk instead of holding all K.
     `orthonormal`: K orthonormal vectors in parameter space (requires K <= n), from a QR decomposition of
-    a Gaussian n x K matrix; with K = n they span every direction.
+    a Gaussian n x K matrix; with K = n they span every direction. Drawn all at once (`indices` unused).
     Each leaf is cast to its parameter's dtype (a JVP needs matching dtypes).
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    sizes = [jnp.size(leaf) for leaf in leaves]
-    n = sum(sizes)
+    shapes = [jnp.shape(leaf) for leaf in leaves]
     dtype = compute_dtype(params)
     if sampler == "normal":
-        flat = jax.random.normal(key, (tangent_size, n), dtype)
-        flat = flat / jnp.linalg.norm(flat, axis=1, keepdims=True)
+        indices = jnp.arange(tangent_size) if indices is None else indices
+
+        def one(index):
+            keys = jax.random.split(jax.random.fold_in(key, index), len(shapes))
+            raw = [jax.random.normal(k, shape, dtype) for k, shape in zip(keys, shapes)]
+            norm = jnp.sqrt(sum(jnp.sum(r * r) for r in raw))
+            return [r / norm for r in raw]
+
+        blocks = jax.vmap(one)(indices)
     elif sampler == "orthonormal":
-        q, _ = jnp.linalg.qr(jax.random.normal(key, (n, tangent_size), dtype))
-        flat = q.T
+        sizes = [int(np.prod(shape)) for shape in shapes]
+        q, _ = jnp.linalg.qr(jax.random.normal(key, (sum(sizes), tangent_size), dtype))
+        offsets = np.cumsum([0] + sizes)
+        blocks = [q[a:b].T.reshape((tangent_size,) + shape) for a, b, shape in zip(offsets, offsets[1:], shapes)]
     else:  # the fronts validate first; this guards direct use
         raise ValueError(f"unknown sampler {sampler!r}")
-    tangent_leaves, start = [], 0
-    for leaf, size in zip(leaves, sizes):
-        block = flat[:, start : start + size].reshape((tangent_size,) + jnp.shape(leaf))
-        tangent_leaves.append(block.astype(jnp.result_type(leaf)))
-        start += size
-    return jax.tree_util.tree_unflatten(treedef, tangent_leaves)
+    blocks = [block.astype(jnp.result_type(leaf)) for block, leaf in zip(blocks, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, blocks)
