@@ -1,0 +1,270 @@
+"""`sofo_grad` and `sofo_grad_scan`: brainstate-style fronts over the SOFO engine.
+
+The direction always comes from `sofo.value_and_sofo_grad` / `sofo.value_and_sofo_grad_scan`; this module
+only maps States and arguments onto the engine's `params` (the `diff` pytree of `_wrapper`) and back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sofo import _checks, _engine
+from sofo.transforms import _keys, _wrapper
+from sofo.transforms._wrapper import MISSING, Record, Spec
+
+
+def _check_loss_fn(transform: str, loss_fn: Any) -> None:
+    if not callable(loss_fn):
+        raise TypeError(
+            f"{transform} needs loss_fn, a function from the model's outputs to a scalar loss; got "
+            f"{type(loss_fn).__name__} ({loss_fn!r}). Pass e.g. loss_fn=lambda y: 0.5 * jnp.mean(y ** 2)."
+        )
+
+
+def _check_float_leaves(value: Any, where: str) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+        dtype = jnp.result_type(leaf) if isinstance(leaf, (float, int, complex, bool)) else getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            got = dtype if dtype is not None else type(leaf).__name__
+            raise TypeError(
+                f"{where}{jax.tree_util.keystr(path)} has dtype {got}, but SOFO moves only floating parameters. "
+                f"Cast it (e.g. jnp.asarray(x, jnp.float32)), or do not differentiate it (leave it out of "
+                f"grad_states / argnums)."
+            )
+
+
+def _check_float_params(spec: Spec, values: list, unread: set, args: tuple) -> None:
+    """SOFO needs floating parameters: names the offending state or argument, before any work."""
+    for path, state, value in zip(spec.state_paths, spec.states, values):
+        if state not in unread:
+            _check_float_leaves(value, path)
+    for index in spec.argnum_tuple:
+        _check_float_leaves(args[index], f"args[{index}]")
+    if spec.argnums is None and len(unread) == len(spec.states):
+        raise ValueError(
+            f"{spec.transform}: {_wrapper.fun_name(spec.fun)} reads none of grad_states and no argument is "
+            f"selected by argnums, so there is nothing to optimise. Pass the States the function reads."
+        )
+
+
+def _engine_params(spec: Spec, values: list, unread: set, args: tuple) -> Any:
+    """diff with None for unread states: the engine then neither samples nor moves them."""
+    if not unread:
+        return spec.pack(values, args)
+    return spec.pack([None if s in unread else v for s, v in zip(spec.states, values)], args)
+
+
+def _fill_unread(spec: Spec, direction: Any, values: list, unread: set) -> Any:
+    """Puts zeros (shaped like the state) where the engine left None for an unread state."""
+    if not unread:
+        return direction
+    var_values, arg_values = spec.unpack(direction)
+    filled = [
+        jax.tree_util.tree_map(jnp.zeros_like, value) if state in unread else d
+        for state, value, d in zip(spec.states, values, var_values)
+    ]
+    return spec.pack(filled, arg_values)
+
+
+def _step_key(transform: str, fixed_key: Any) -> jax.Array:
+    return fixed_key if fixed_key is not None else _keys.next_key(transform)
+
+
+def sofo_grad(
+    fun: Callable[..., Any],
+    loss_fn: Callable[[Any], jax.Array],
+    grad_states: Any = None,
+    argnums: int | tuple[int, ...] | None = None,
+    has_aux: bool | None = None,
+    return_value: bool = False,
+    check_states: bool = True,
+    loss: str = "mse",
+    tangent_size: int = 100,
+    damping: float = 1e-5,
+    key: Any = None,
+    sampler: str = "normal",
+    *,
+    grad_vars: Any = MISSING,
+    dyn_vars: Any = MISSING,
+    reduce_axes: Any = (),
+) -> Callable[..., Any]:
+    """SOFO direction (a damped Gauss-Newton step in a random subspace) w.r.t. States and/or arguments.
+
+    Args:
+      fun: the model, `fun(*args, **kwargs) -> outputs` (or `(outputs, aux)` with has_aux); it may read
+        its parameters from States.
+      loss_fn: `loss_fn(outputs) -> scalar`, the loss whose curvature `loss` describes.
+      grad_states, argnums, has_aux, return_value, check_states, grad_vars, dyn_vars, reduce_axes: as in
+        `sofo.transforms.grad`. A state `fun` does not read (with check_states=False) gets a zero direction.
+      loss, tangent_size, damping, sampler: as in `sofo.value_and_sofo_grad`.
+      key: a `jax.random.key`, legacy PRNGKey or int seed used for every call of the returned function
+        (build the transform per step with a fresh key, e.g. inside a jitted step). With None, each call
+        draws the next key of sofo's own sequence (seed it with `sofo.transforms.seed(n)`); that needs
+        concrete execution, so under jax.jit pass key=.
+
+    Returns:
+      A function with `fun`'s arguments returning the direction in the layout of `grad`'s return table
+      (subtract it: `params - lr * direction`), then the loss value with return_value and aux with
+      has_aux. The direction is `sofo.value_and_sofo_grad(...)(key, params)` on `params` = that same
+      layout of the current values. With has_aux, or when `fun` writes States, `fun` runs once more
+      (primal only) to produce aux and the written values.
+
+    References:
+      Yu et al., "Second-order forward-mode optimization of recurrent neural networks for neuroscience",
+      NeurIPS 2024.
+    """
+    grad_states = _wrapper.resolve_migration("sofo_grad", grad_states, grad_vars, dyn_vars, reduce_axes)
+    spec = _wrapper.make_spec(
+        "sofo_grad", fun, grad_states=grad_states, argnums=argnums, has_aux=has_aux,
+        return_value=return_value, check_states=check_states,
+    )
+    _check_loss_fn("sofo_grad", loss_fn)
+    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    fixed_key = None if key is None else _checks.as_key(key)
+    engine_options = dict(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+
+    @_wrapper.wraps(fun, "sofo_grad")
+    def transformed(*args, **kwargs):
+        spec.check_args(args)
+        values = _wrapper.current_values(spec)
+        diff = spec.pack(values, args)
+        record = spec.discover(diff, args, kwargs)
+        unread = set(spec.unread_states(record))
+        _check_float_params(spec, values, unread, args)
+        params = _engine_params(spec, values, unread, args)
+
+        def model(p):
+            return spec.call(p, args, kwargs, Record())[0]
+
+        engine = _engine.value_and_sofo_grad(model, loss_fn, **engine_options)
+        value, direction, _ = engine(_step_key("sofo_grad", fixed_key), params)
+        direction = _fill_unread(spec, direction, values, unread)
+        aux = None
+        if spec.has_aux or record.written:
+            # The engine's traced passes cannot hand out aux or written values; one primal call does.
+            primal = Record()
+            _, aux, written_values = spec.call(diff, args, kwargs, primal)
+            _wrapper.write_back(spec, primal.written, written_values)
+        return spec.assemble(direction, value, aux)
+
+    return transformed
+
+
+def _first_step(transform: str, xs: Any) -> Any:
+    def first(path, leaf):
+        if np.ndim(leaf) == 0:
+            raise ValueError(
+                f"{transform}: xs{jax.tree_util.keystr(path)} is a scalar; every leaf of xs needs a leading "
+                f"time axis (time-major inputs, shape (T, ...))."
+            )
+        return leaf[0]
+
+    return jax.tree_util.tree_map_with_path(first, xs)
+
+
+def sofo_grad_scan(
+    cell: Callable[..., Any],
+    loss_fn: Callable[[Any, Any], jax.Array],
+    grad_states: Any = None,
+    argnums: int | tuple[int, ...] | None = None,
+    has_aux: bool | None = None,
+    return_value: bool = False,
+    check_states: bool = True,
+    loss: str = "mse",
+    tangent_size: int = 100,
+    damping: float = 1e-5,
+    key: Any = None,
+    sampler: str = "normal",
+    *,
+    grad_vars: Any = MISSING,
+    dyn_vars: Any = MISSING,
+    reduce_axes: Any = (),
+) -> Callable[..., Any]:
+    """Recurrent SOFO direction, memory constant in time, w.r.t. States and/or the cell's arguments.
+
+    The returned function is called as `g(*cell_args, z0, xs, ys, **kwargs)`: the last three positional
+    arguments are always the initial latent `z0` and the time-major inputs `xs` and targets `ys`, and the
+    cell is called as `cell(*cell_args, z, x, **kwargs)`. `argnums` counts within `cell_args` (so it
+    defaults to 0, the first cell argument, when there are no grad_states); `z0`, `xs` and `ys` are never
+    differentiated.
+
+    Args:
+      cell: `cell(*cell_args, z, x) -> (z_new, y)`, or `((z_new, y), aux)` with has_aux; it may read its
+        parameters from States but must not write States (carry such values in `z`).
+      loss_fn: `loss_fn(y_t, ys_t) -> scalar`; the total loss is its sum over time.
+      grad_states, argnums, has_aux, return_value, check_states, key, grad_vars, dyn_vars, reduce_axes:
+        as in `sofo_grad`. With has_aux the per-step aux is returned stacked over time, as `lax.scan`
+        stacks it (the cell is scanned once more, primal only, to produce it).
+      loss, tangent_size, damping, sampler: as in `sofo.value_and_sofo_grad_scan`.
+
+    Returns:
+      A function returning the direction in the layout of `grad`'s return table (over grad_states and
+      the selected cell arguments), then the summed loss with return_value and the stacked aux with
+      has_aux. The direction is `sofo.value_and_sofo_grad_scan(...)(key, params, z0, xs, ys)`.
+
+    Example:
+      >>> W = sofo.State(w0)
+      >>> def cell(z, x):
+      ...   z = jnp.tanh(z @ W.value + x)
+      ...   return z, z
+      >>> g = sofo.transforms.sofo_grad_scan(cell, lambda y, t: 0.5 * jnp.mean((y - t) ** 2), grad_states=W)
+      >>> W.value = W.value - 0.5 * g(z0, xs, ys)
+
+    References:
+      Yu et al., NeurIPS 2024, Section 3 (recurrent networks).
+    """
+    transform = "sofo_grad_scan"
+    grad_states = _wrapper.resolve_migration(transform, grad_states, grad_vars, dyn_vars, reduce_axes)
+    spec = _wrapper.make_spec(
+        transform, cell, grad_states=grad_states, argnums=argnums, has_aux=has_aux,
+        return_value=return_value, check_states=check_states,
+    )
+    _check_loss_fn(transform, loss_fn)
+    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    fixed_key = None if key is None else _checks.as_key(key)
+    engine_options = dict(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+
+    @_wrapper.wraps(cell, transform)
+    def transformed(*args, **kwargs):
+        if len(args) < 3:
+            raise TypeError(
+                f"{transform}: the transformed function takes (*cell_args, z0, xs, ys) and was called with "
+                f"{len(args)} positional argument(s). Pass the initial latent z0, the time-major inputs xs and "
+                f"the targets ys as the last three positional arguments."
+            )
+        cell_args, (z0, xs, ys) = tuple(args[:-3]), args[-3:]
+        spec.check_args(cell_args, " before the trailing z0, xs, ys")
+        values = _wrapper.current_values(spec)
+        diff = spec.pack(values, cell_args)
+        record = spec.discover(diff, cell_args + (z0, _first_step(transform, xs)), kwargs)
+        if record.written:
+            names = ", ".join(s.describe() for s in record.written)
+            raise ValueError(
+                f"{transform}: {_wrapper.fun_name(cell)} writes {names}; a scanned cell cannot write States "
+                f"(each step's value would be a tracer). Carry that value in the latent z instead."
+            )
+        unread = set(spec.unread_states(record))
+        _check_float_params(spec, values, unread, cell_args)
+        params = _engine_params(spec, values, unread, cell_args)
+
+        def engine_cell(p, z, x):
+            return spec.call(p, cell_args + (z, x), kwargs, Record())[0]
+
+        engine = _engine.value_and_sofo_grad_scan(engine_cell, loss_fn, **engine_options)
+        value, direction, _ = engine(_step_key(transform, fixed_key), params, z0, xs, ys)
+        direction = _fill_unread(spec, direction, values, unread)
+        aux = None
+        if spec.has_aux:
+
+            def primal_step(z, x):
+                (z_new, _), aux_t, _ = spec.call(diff, cell_args + (z, x), kwargs, Record())
+                return z_new, aux_t
+
+            _, aux = jax.lax.scan(primal_step, z0, xs)
+        return spec.assemble(direction, value, aux)
+
+    return transformed
