@@ -1,0 +1,177 @@
+"""SOFO as an optax gradient transformation: `optax.chain(sofo.transform(...), optax.sgd(lr))`.
+
+The transform only calls the engine (`value_and_sofo_grad`, `value_and_sofo_grad_scan`); it adds the
+state optax needs: the PRNG key that gives fresh tangents every step, a step count, and the last loss
+value and top curvature eigenvalue for logging.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sofo import _checks, _engine, _tangents
+
+_FEEDFORWARD_CALL = (
+    "updates, opt_state = optimizer.update(None, opt_state, params, fun=fun, loss_fn=loss_fn), "
+    "with fun(params) -> outputs and loss_fn(outputs) -> scalar"
+)
+_SCAN_CALL = (
+    "updates, opt_state = optimizer.update(None, opt_state, params, cell=cell, loss_fn=loss_fn, "
+    "z0=z0, xs=xs, ys=ys), with cell(params, z, x) -> (z_new, y) and loss_fn(y_t, ys_t) -> scalar"
+)
+
+
+class SofoState(NamedTuple):
+    """State of `sofo.transform`.
+
+    Attributes:
+      key: the PRNG key the next step splits for its tangents.
+      count: the number of steps taken (int32).
+      value: the loss at the parameters passed to the last `update` (before that step); 0 before any.
+      top_eigenvalue: the largest eigenvalue of the last step's K x K curvature sketch; 0 before any.
+    """
+
+    key: jax.Array
+    count: jax.Array
+    value: jax.Array
+    top_eigenvalue: jax.Array
+
+
+def transform(
+    *,
+    tangent_size: int = 100,
+    damping: float = 1e-5,
+    loss: str = "mse",
+    sampler: str = "normal",
+    key: Any = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """SOFO's damped Gauss-Newton direction in a random K-dimensional subspace, as an optax transform.
+
+    Put it first in a chain and follow it with any optax transform that scales or edits updates:
+    `optax.chain(sofo.transform(...), optax.sgd(lr))`, with momentum, a schedule,
+    `optax.add_decayed_weights` or `optax.clip_by_global_norm`. Its output is the engine's `direction`,
+    a descent direction shaped like the gradient (positive sign), so `sgd(lr)` steps params - lr * h.
+
+    `update(updates, state, params, *, fun, loss_fn)` evaluates `loss_fn(fun(params))`. `fun` and
+    `loss_fn` are keyword extra args, usually closures over the current batch built inside the jitted
+    step; `optax.chain` forwards them by name and the transforms that do not use them ignore them. The
+    incoming `updates` are ignored and may be None: SOFO computes its own direction from forward-mode
+    derivatives, so no backprop gradient is needed (anything placed before it in a chain is discarded).
+
+    For a recurrent model pass the cell instead of `fun`:
+    `update(updates, state, params, *, cell, loss_fn, z0, xs, ys)` runs `value_and_sofo_grad_scan`
+    with `cell(params, z, x) -> (z_new, y)` and the loss `sum_t loss_fn(y_t, ys[t])`, its memory constant
+    in T; `ys` may be omitted (then `loss_fn` receives None).
+
+    Parameters may be any pytree of float arrays: nested dicts/lists/tuples, a flax linen
+    `variables["params"]` dict (`fun = lambda p: model.apply({"params": p}, x)`), or the array part of an
+    equinox module (`params, static = eqx.partition(model, eqx.is_inexact_array)`,
+    `fun = lambda p: jax.vmap(eqx.combine(p, static))(x)`; `init` and `update` then see `params` only).
+
+    Args:
+      tangent_size: K, the number of random tangents per step.
+      damping: relative damping; the curvature sketch is damped by `damping * max_eig`.
+      loss: the curvature form, "mse", "ce" or "exact" (see `sofo.value_and_sofo_grad`).
+      sampler: "normal" or "orthonormal" tangents (see `sofo.value_and_sofo_grad`).
+      key: a `jax.random.key`, a legacy `PRNGKey` or an int seed. Step t draws its tangents from
+        `jax.random.split(key_t)[1]` and keeps `[0]` as `key_{t+1}`: the same key gives the same
+        trajectory.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs` whose state is a `SofoState`.
+
+    References:
+      Yu, Xia, Ma, Lengyel & Hennequin, "Second-order forward-mode optimization of recurrent neural
+      networks for neuroscience", NeurIPS 2024.
+    """
+    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    key = _checks.as_key(key)
+    config = dict(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+
+    def init_fn(params):
+        if params is None:
+            raise TypeError(
+                "sofo.transform's init needs the parameters to train; call opt_state = optimizer.init(params)."
+            )
+        n = _checks.check_params(params)
+        if sampler == "orthonormal" and tangent_size > n:
+            raise ValueError(
+                f"sampler='orthonormal' needs tangent_size <= the number of parameters; got tangent_size="
+                f"{tangent_size} for {n} parameters. Lower tangent_size to at most {n} or use sampler='normal'."
+            )
+        dtype = _tangents.compute_dtype(params)
+        return SofoState(
+            key=key,
+            count=jnp.zeros([], jnp.int32),
+            value=jnp.zeros([], dtype),
+            top_eigenvalue=jnp.zeros([], dtype),
+        )
+
+    def update_fn(
+        updates,
+        state,
+        params=None,
+        *,
+        fun=None,
+        loss_fn=None,
+        cell=None,
+        z0=None,
+        xs=None,
+        ys=None,
+        **extra_args,
+    ):
+        # `updates` is not read: the direction comes from forward-mode derivatives of `fun`/`cell`.
+        # Other extra args are meant for other transforms in the chain.
+        del updates, extra_args
+        step = _step(state, params, fun=fun, loss_fn=loss_fn, cell=cell, z0=z0, xs=xs, ys=ys, config=config)
+        next_key, step_key = jax.random.split(state.key)
+        value, direction, info = step(step_key)
+        new_state = SofoState(
+            key=next_key,
+            count=optax.safe_increment(state.count),
+            value=jnp.asarray(value, state.value.dtype),
+            top_eigenvalue=jnp.asarray(info.top_eigenvalue, state.top_eigenvalue.dtype),
+        )
+        return direction, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config):
+    """Checks the call and returns `step(key) -> (value, direction, info)` from the matching engine."""
+    if not isinstance(state, SofoState):
+        raise TypeError(
+            f"state must be the SofoState returned by init; got {type(state).__name__}. Call "
+            f"opt_state = optimizer.init(params) and pass opt_state back to update."
+        )
+    if fun is not None and cell is not None:
+        raise TypeError(
+            f"pass either fun= (feedforward) or cell= (recurrent), not both: {_FEEDFORWARD_CALL}; or {_SCAN_CALL}."
+        )
+    call = _SCAN_CALL if cell is not None else _FEEDFORWARD_CALL
+    if params is None:
+        raise TypeError(f"sofo.transform's update needs the current params (it evaluates the model at them): {call}.")
+    if fun is None and cell is None:
+        raise TypeError(f"sofo.transform's update needs the model and the loss as keyword arguments: {call}.")
+    if loss_fn is None:
+        raise TypeError(f"sofo.transform's update needs loss_fn=: {call}.")
+    for name, f in (("fun", fun), ("cell", cell), ("loss_fn", loss_fn)):
+        if f is not None and not callable(f):
+            raise TypeError(f"{name} must be callable; got {type(f).__name__}: {call}.")
+    if cell is None:
+        stray = [name for name, v in (("z0", z0), ("xs", xs), ("ys", ys)) if v is not None]
+        if stray:
+            raise TypeError(
+                f"{', '.join(stray)} only apply to a recurrent cell; pass cell= instead of fun=: {_SCAN_CALL}."
+            )
+        engine = _engine.value_and_sofo_grad(fun, loss_fn, **config)
+        return lambda key: engine(key, params)
+    missing = [name for name, v in (("z0", z0), ("xs", xs)) if v is None]
+    if missing:
+        raise TypeError(f"with cell=, update also needs {' and '.join(m + '=' for m in missing)}: {_SCAN_CALL}.")
+    engine = _engine.value_and_sofo_grad_scan(cell, loss_fn, **config)
+    return lambda key: engine(key, params, z0, xs, ys)
