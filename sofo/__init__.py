@@ -7,12 +7,15 @@ Gauss-Newton steps in a random K-dimensional subspace, computed with forward-mod
 from sofo._engine import SofoInfo, value_and_sofo_grad, value_and_sofo_grad_scan
 from sofo import transforms
 from sofo.transforms import State, sofo_grad
+from sofo._optax import SofoState, transform
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "SofoInfo",
     "State",
+    "SofoState",
+    "transform",
     "sofo_grad",
     "transforms",
     "value_and_sofo_grad",
