@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -29,7 +30,7 @@ def _build(
 ) -> Callable[..., Any]:
     """Wraps `spec.fun` with one jax transform of the shared pure function (see `_wrapper`)."""
 
-    @_wrapper.wraps(spec.fun, transform)
+    @functools.wraps(spec.fun)
     def transformed(*args, **kwargs):
         spec.check_args(args)
         diff = spec.pack(_wrapper.current_values(spec), args)

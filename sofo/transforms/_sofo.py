@@ -6,6 +6,7 @@ only maps States and arguments onto the engine's `params` (the `diff` pytree of 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -27,7 +28,8 @@ def _check_loss_fn(transform: str, loss_fn: Any) -> None:
 
 def _check_float_leaves(value: Any, where: str) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
-        dtype = jnp.result_type(leaf) if isinstance(leaf, (float, int, complex, bool)) else getattr(leaf, "dtype", None)
+        python_scalar = isinstance(leaf, (float, int, complex, bool))
+        dtype = jnp.result_type(leaf) if python_scalar else getattr(leaf, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             got = dtype if dtype is not None else type(leaf).__name__
             raise TypeError(
@@ -127,7 +129,7 @@ def sofo_grad(
     fixed_key = None if key is None else _checks.as_key(key)
     engine_options = dict(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
 
-    @_wrapper.wraps(fun, "sofo_grad")
+    @functools.wraps(fun)
     def transformed(*args, **kwargs):
         spec.check_args(args)
         values = _wrapper.current_values(spec)
@@ -228,7 +230,7 @@ def sofo_grad_scan(
     fixed_key = None if key is None else _checks.as_key(key)
     engine_options = dict(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
 
-    @_wrapper.wraps(cell, transform)
+    @functools.wraps(cell)
     def transformed(*args, **kwargs):
         if len(args) < 3:
             raise TypeError(

@@ -17,7 +17,6 @@ transform as auxiliary outputs, so they are concrete when they are written back.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import numbers
 import warnings
 from typing import Any, Callable, Sequence
@@ -365,14 +364,3 @@ def check_nan(spec: Spec, grads: Any) -> None:
         jax.debug.callback(raise_first, *flags)
     else:
         raise_first(*flags)
-
-
-def wraps(fun: Callable[..., Any], transform: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """functools.wraps that keeps fun's name and doc, and records which transform made the wrapper."""
-
-    def decorate(wrapper):
-        wrapper = functools.wraps(fun)(wrapper)
-        wrapper.__sofo_transform__ = transform
-        return wrapper
-
-    return decorate
