@@ -111,7 +111,7 @@ def check_params(params: Any, name: str = "params") -> int:
         if dtype is None and isinstance(leaf, float):
             dtype = jnp.result_type(leaf)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-            where = jax.tree_util.keystr(path) or "(the root)"
+            where = jax.tree_util.keystr(path)
             raise TypeError(
                 f"{name}{where} has dtype {dtype if dtype is not None else type(leaf).__name__}; every leaf of "
                 f"{name} must be a floating array. Cast it (e.g. jnp.asarray(x, jnp.float32)) or close over it "
