@@ -129,9 +129,11 @@ def train_digits_mlp(widths, tangent_size, optimizer, steps, batch, seed=0):
         def step(carry, data):
             params, state = carry
             x, labels = data
-            fun = lambda p: net(p, x)  # noqa: E731
-            loss_fn = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()  # noqa: E731
-            updates, state = tx.update(None, state, params, fun=fun, loss_fn=loss_fn)
+
+            def loss_fn(logits):
+                return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+            updates, state = tx.update(None, state, params, fun=lambda p: net(p, x), loss_fn=loss_fn)
             return (optax.apply_updates(params, updates), state), state[0].value
 
         (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), (xb, yb))
