@@ -27,23 +27,24 @@ def sample(key: jax.Array, params: Any, tangent_size: int, sampler: str, indices
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     shapes = [jnp.shape(leaf) for leaf in leaves]
+    sizes = [int(np.prod(shape)) for shape in shapes]
     dtype = compute_dtype(params)
     if sampler == "normal":
         indices = jnp.arange(tangent_size) if indices is None else indices
 
         def one(index):
-            keys = jax.random.split(jax.random.fold_in(key, index), len(shapes))
-            raw = [jax.random.normal(k, shape, dtype) for k, shape in zip(keys, shapes)]
-            norm = jnp.sqrt(sum(jnp.sum(r * r) for r in raw))
-            return [r / norm for r in raw]
+            # One flat draw per tangent (a draw per leaf compiles an order of magnitude slower).
+            raw = jax.random.normal(jax.random.fold_in(key, index), (sum(sizes),), dtype)
+            return raw / jnp.linalg.norm(raw)
 
-        blocks = jax.vmap(one)(indices)
+        flat = jax.vmap(one)(indices)
     elif sampler == "orthonormal":
-        sizes = [int(np.prod(shape)) for shape in shapes]
-        q, _ = jnp.linalg.qr(jax.random.normal(key, (sum(sizes), tangent_size), dtype))
-        offsets = np.cumsum([0] + sizes)
-        blocks = [q[a:b].T.reshape((tangent_size,) + shape) for a, b, shape in zip(offsets, offsets[1:], shapes)]
+        flat = jnp.linalg.qr(jax.random.normal(key, (sum(sizes), tangent_size), dtype))[0].T
     else:  # the fronts validate first; this guards direct use
         raise ValueError(f"unknown sampler {sampler!r}")
-    blocks = [block.astype(jnp.result_type(leaf)) for block, leaf in zip(blocks, leaves)]
+    offsets = np.cumsum([0] + sizes)
+    blocks = [
+        flat[:, a:b].reshape((flat.shape[0],) + shape).astype(jnp.result_type(leaf))
+        for a, b, shape, leaf in zip(offsets, offsets[1:], shapes, leaves)
+    ]
     return jax.tree_util.tree_unflatten(treedef, blocks)
