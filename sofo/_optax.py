@@ -48,6 +48,7 @@ def transform(
     loss: str = "mse",
     sampler: str = "normal",
     key: Any = 0,
+    tangent_chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOFO's damped Gauss-Newton direction in a random K-dimensional subspace, as an optax transform.
 
@@ -80,6 +81,8 @@ def transform(
       key: a `jax.random.key`, a legacy `PRNGKey` or an int seed. Step t draws its tangents from
         `jax.random.split(key_t)[1]` and keeps `[0]` as `key_{t+1}`: the same key gives the same
         trajectory.
+      tangent_chunk_size: push the tangents through the model this many at a time to bound memory
+        (same direction; see `sofo.value_and_sofo_grad`). None pushes all K at once.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state is a `SofoState`.
@@ -89,8 +92,11 @@ def transform(
       networks for neuroscience", NeurIPS 2024.
     """
     _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    _checks.check_chunk_size(tangent_chunk_size)
     key = _checks.as_key(key)
-    config = dict(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    config = dict(
+        tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
+    )
 
     def init_fn(params):
         if params is None:

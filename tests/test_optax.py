@@ -231,6 +231,16 @@ def test_state_advances_key_and_count_and_matches_engine():
     assert not np.allclose(directions[0], directions[1], rtol=1e-3)
 
 
+def test_tangent_chunks_reach_the_engine_and_keep_the_direction():
+    params, fun, loss_fn = mlp_problem()
+    config = dict(tangent_size=7, damping=1e-3, loss="exact", key=3)
+    whole, _ = sofo.transform(**config).update(None, sofo.transform(**config).init(params), params, fun=fun,
+                                               loss_fn=loss_fn)
+    chunked_tx = sofo.transform(tangent_chunk_size=2, **config)
+    chunked, _ = chunked_tx.update(None, chunked_tx.init(params), params, fun=fun, loss_fn=loss_fn)
+    assert_trees_close(chunked, whole, rtol=1e-10, atol=1e-13)
+
+
 def test_updates_are_ignored_and_extra_args_for_other_transforms_pass_through():
     params, fun, loss_fn = mlp_problem()
     tx = sofo.transform(tangent_size=6, sampler="orthonormal", key=1)
@@ -452,6 +462,7 @@ def test_equinox_partitioned_module():
         (dict(key="seed"), TypeError, "key must be a jax.random.key"),
         (dict(key=True), TypeError, "key must be a jax.random.key"),
         (dict(key=jax.random.split(jax.random.key(0))), ValueError, "single PRNG key"),
+        (dict(tangent_chunk_size=0), ValueError, "tangent_chunk_size must be None"),
     ],
 )
 def test_bad_configuration_raises_at_construction(kwargs, error, match):
