@@ -29,22 +29,25 @@ def sample(key: jax.Array, params: Any, tangent_size: int, sampler: str, indices
     shapes = [jnp.shape(leaf) for leaf in leaves]
     sizes = [int(np.prod(shape)) for shape in shapes]
     dtype = compute_dtype(params)
+    offsets = np.cumsum([0] + sizes)
     if sampler == "normal":
         indices = jnp.arange(tangent_size) if indices is None else indices
 
         def one(index):
             # One flat draw per tangent (a draw per leaf compiles an order of magnitude slower).
             raw = jax.random.normal(jax.random.fold_in(key, index), (sum(sizes),), dtype)
-            return raw / jnp.linalg.norm(raw)
+            raw = raw / jnp.linalg.norm(raw)
+            return [raw[a:b].reshape(shape) for a, b, shape in zip(offsets, offsets[1:], shapes)]
 
-        flat = jax.vmap(one)(indices)
+        # Small vmapped batches under lax.map: the same tangents as one vmap over all K, but the PRNG's
+        # K x n work buffers and a flat K x n copy are never live at once (they set the scan engine's peak).
+        blocks = jax.lax.map(one, indices, batch_size=min(16, indices.shape[0]))
     elif sampler == "orthonormal":
         flat = jnp.linalg.qr(jax.random.normal(key, (sum(sizes), tangent_size), dtype))[0].T
+        blocks = [
+            flat[:, a:b].reshape((tangent_size,) + shape) for a, b, shape in zip(offsets, offsets[1:], shapes)
+        ]
     else:  # the fronts validate first; this guards direct use
         raise ValueError(f"unknown sampler {sampler!r}")
-    offsets = np.cumsum([0] + sizes)
-    blocks = [
-        flat[:, a:b].reshape((flat.shape[0],) + shape).astype(jnp.result_type(leaf))
-        for a, b, shape, leaf in zip(offsets, offsets[1:], shapes, leaves)
-    ]
+    blocks = [block.astype(jnp.result_type(leaf)) for block, leaf in zip(blocks, leaves)]
     return jax.tree_util.tree_unflatten(treedef, blocks)
