@@ -3,8 +3,10 @@
 - SOFO: `optax.chain(sofo.transform(...), optax.sgd(lr))` (K random tangents, Gauss-Newton in their
   span, params -= lr * direction).
 - FGD (forward gradient descent): the SAME K tangents and the same forward pass, but no curvature:
-  direction = sum_k (v_k^T grad L) v_k, from the engine's `info.directional_derivatives`. The gap
-  between FGD and SOFO is what the K x K curvature solve buys.
+  direction = (n / K) sum_k (v_k^T grad L) v_k, from the engine's `info.directional_derivatives`. The
+  tangents have unit norm, so E[v v^T] = I / n and the n / K factor makes the direction an unbiased
+  estimate of the gradient: FGD's learning rates then read like SGD's at any n and K. The gap between
+  FGD and SOFO is what the K x K curvature solve buys.
 - Adam and SGD with momentum 0.9 on `jax.grad` of the objective (for RNNs: backprop through time).
 - GN: the exact damped Gauss-Newton step (G + damping * max_eig(G) I)^-1 g from a dense `jax.jacfwd`
   Jacobian, with the same damping rule as SOFO (the K = n limit of SOFO); only for small problems.
@@ -106,13 +108,14 @@ def make_fgd(problem: Problem, tangent_size: int, seed: int = 0) -> Optimizer:
     """Forward gradient descent on SOFO's tangents: the key schedule of `sofo.transform` (step t draws
     from `split(key_t)[1]`), so with the same seed both see the same K tangents at every step."""
     engine = sofo_engine(problem, tangent_size)
+    unbiased = problem.size / tangent_size  # E[sum_k v_k v_k^T] = (K / n) I for unit-norm tangents
 
     def step(state, lr):
         params, key = state
         key, step_key = jax.random.split(key)
         value, _, info = engine(step_key, params)
         direction = forward_gradient(step_key, params, info.directional_derivatives, tangent_size, problem.sampler)
-        return (_subtract(params, direction, lr), key), value
+        return (_subtract(params, direction, lr * unbiased), key), value
 
     return Optimizer("fgd", f"FGD K={tangent_size}", tangent_size, lambda p: (p, jax.random.key(seed)), step)
 
