@@ -5,9 +5,6 @@ The suite's numbers are checked where they can be: the FGD baseline must see the
 the linear regression in one step.
 """
 
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,11 +13,8 @@ from jax.flatten_util import ravel_pytree
 
 pytest.importorskip("sklearn")
 
-# benchmarks/ is a package at the repository root, not installed with sofo.
-ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
+# benchmarks/ is a package at the repository root (not installed with sofo); pyproject's pytest
+# settings put the root on sys.path.
 from benchmarks import cli, optimizers, suite, tasks  # noqa: E402
 
 ITERATIONS = 12
