@@ -610,3 +610,32 @@ def test_other_bad_inputs():
         T.sofo_grad(lambda: n.value["count"] * 1.0 + w.value[0, :2], sofo_loss, grad_states={"w": w, "n": n}, key=0)()
     with pytest.raises(TypeError, match="holds a value, not a State"):
         State(w)
+
+
+@pytest.mark.parametrize("front", ["sofo_grad", "sofo_grad_scan"])
+def test_sofo_fronts_pass_tangent_chunks_to_the_engine(front):
+    """Chunked and whole tangents give the same direction; the engine is the independent reference."""
+    keys = jax.random.split(jax.random.key(5), 4)
+    params = {"w": jax.random.normal(keys[0], (3, 4)), "u": jax.random.normal(keys[1], (4, 4)) / 2}
+    x = jax.random.normal(keys[2], (6, 5, 3))
+    y = jax.random.normal(keys[3], (6, 5, 4))
+    step_loss = lambda out, t: 0.5 * jnp.mean(jnp.sum((out - t) ** 2, -1))  # noqa: E731
+    kwargs = dict(tangent_size=9, damping=1e-3, key=4)
+    if front == "sofo_grad":
+        model = lambda p: jnp.tanh(x[0] @ p["w"] @ p["u"])  # noqa: E731
+        whole = sofo.sofo_grad(model, lambda o: step_loss(o, y[0]), **kwargs)(params)
+        chunked = sofo.sofo_grad(model, lambda o: step_loss(o, y[0]), tangent_chunk_size=2, **kwargs)(params)
+        _, reference, _ = sofo.value_and_sofo_grad(lambda p: model(p), lambda o: step_loss(o, y[0]),
+                                                   tangent_size=9, damping=1e-3)(4, params)
+    else:
+        cell = lambda p, z, xt: (jnp.tanh(xt @ p["w"] + z @ p["u"]),) * 2  # noqa: E731
+        z0 = jnp.zeros((5, 4))
+        whole = T.sofo_grad_scan(cell, step_loss, **kwargs)(params, z0, x, y)
+        chunked = T.sofo_grad_scan(cell, step_loss, tangent_chunk_size=2, **kwargs)(params, z0, x, y)
+        _, reference, _ = sofo.value_and_sofo_grad_scan(cell, step_loss, tangent_size=9, damping=1e-3)(
+            4, params, z0, x, y
+        )
+    for a, b, r in zip(jax.tree_util.tree_leaves(chunked), jax.tree_util.tree_leaves(whole),
+                       jax.tree_util.tree_leaves(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(b, r, rtol=1e-12, atol=1e-14)

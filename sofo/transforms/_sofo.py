@@ -89,6 +89,7 @@ def sofo_grad(
     damping: float = 1e-5,
     key: Any = None,
     sampler: str = "normal",
+    tangent_chunk_size: int | None = None,
     *,
     grad_vars: Any = MISSING,
     dyn_vars: Any = MISSING,
@@ -102,7 +103,7 @@ def sofo_grad(
       loss_fn: `loss_fn(outputs) -> scalar`, the loss whose curvature `loss` describes.
       grad_states, argnums, has_aux, return_value, check_states, grad_vars, dyn_vars, reduce_axes: as in
         `sofo.transforms.grad`. A state `fun` does not read (with check_states=False) gets a zero direction.
-      loss, tangent_size, damping, sampler: as in `sofo.value_and_sofo_grad`.
+      loss, tangent_size, damping, sampler, tangent_chunk_size: as in `sofo.value_and_sofo_grad`.
       key: a `jax.random.key`, legacy PRNGKey or int seed used for every call of the returned function
         (build the transform per step with a fresh key, e.g. inside a jitted step). With None, each call
         draws the next key of sofo's own sequence (seed it with `sofo.transforms.seed(n)`); that needs
@@ -126,8 +127,11 @@ def sofo_grad(
     )
     _check_loss_fn("sofo_grad", loss_fn)
     _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    _checks.check_chunk_size(tangent_chunk_size)
     fixed_key = None if key is None else _checks.as_key(key)
-    engine_options = dict(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    engine_options = dict(
+        tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
+    )
 
     @functools.wraps(fun)
     def transformed(*args, **kwargs):
@@ -181,6 +185,7 @@ def sofo_grad_scan(
     damping: float = 1e-5,
     key: Any = None,
     sampler: str = "normal",
+    tangent_chunk_size: int | None = None,
     *,
     grad_vars: Any = MISSING,
     dyn_vars: Any = MISSING,
@@ -201,7 +206,7 @@ def sofo_grad_scan(
       grad_states, argnums, has_aux, return_value, check_states, key, grad_vars, dyn_vars, reduce_axes:
         as in `sofo_grad`. With has_aux the per-step aux is returned stacked over time, as `lax.scan`
         stacks it (the cell is scanned once more, primal only, to produce it).
-      loss, tangent_size, damping, sampler: as in `sofo.value_and_sofo_grad_scan`.
+      loss, tangent_size, damping, sampler, tangent_chunk_size: as in `sofo.value_and_sofo_grad_scan`.
 
     Returns:
       A function returning the direction in the layout of `grad`'s return table (over grad_states and
@@ -227,8 +232,11 @@ def sofo_grad_scan(
     )
     _check_loss_fn(transform, loss_fn)
     _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    _checks.check_chunk_size(tangent_chunk_size)
     fixed_key = None if key is None else _checks.as_key(key)
-    engine_options = dict(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    engine_options = dict(
+        tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
+    )
 
     @functools.wraps(cell)
     def transformed(*args, **kwargs):
