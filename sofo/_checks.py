@@ -123,6 +123,16 @@ def check_params(params: Any, name: str = "params") -> int:
     return total
 
 
+def check_tangent_count(tangent_size: int, sampler: str, num_params: int) -> None:
+    """Orthonormal tangents need K <= n: there are only n orthogonal directions."""
+    if sampler == "orthonormal" and tangent_size > num_params:
+        raise ValueError(
+            f"sampler='orthonormal' needs tangent_size <= the number of parameters; got tangent_size="
+            f"{tangent_size} for {num_params} parameters. Lower tangent_size to at most {num_params} or use "
+            f"sampler='normal'."
+        )
+
+
 def check_outputs(outputs: Any, name: str) -> None:
     """Checks (on shapes only) that a model returned a pytree of floating arrays."""
     leaves = jax.tree_util.tree_flatten_with_path(outputs)[0]

@@ -35,12 +35,7 @@ class SofoInfo(NamedTuple):
 def _prepare(key, params, tangent_size, sampler):
     """Checks the key and the params; returns the typed key and the dtype of the small linear algebra."""
     key = _checks.as_key(key)
-    n = _checks.check_params(params)
-    if sampler == "orthonormal" and tangent_size > n:
-        raise ValueError(
-            f"sampler='orthonormal' needs tangent_size <= the number of parameters; got tangent_size="
-            f"{tangent_size} for {n} parameters. Lower tangent_size to at most {n} or use sampler='normal'."
-        )
+    _checks.check_tangent_count(tangent_size, sampler, _checks.check_params(params))
     return key, _tangents.compute_dtype(params)
 
 

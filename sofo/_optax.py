@@ -103,12 +103,7 @@ def transform(
             raise TypeError(
                 "sofo.transform's init needs the parameters to train; call opt_state = optimizer.init(params)."
             )
-        n = _checks.check_params(params)
-        if sampler == "orthonormal" and tangent_size > n:
-            raise ValueError(
-                f"sampler='orthonormal' needs tangent_size <= the number of parameters; got tangent_size="
-                f"{tangent_size} for {n} parameters. Lower tangent_size to at most {n} or use sampler='normal'."
-            )
+        _checks.check_tangent_count(tangent_size, sampler, _checks.check_params(params))
         dtype = _tangents.compute_dtype(params)
         return SofoState(
             key=key,
