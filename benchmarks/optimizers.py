@@ -25,7 +25,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import sofo
-from sofo import _tangents  # FGD needs the engine's own tangents (same key -> same draws)
+from sofo import _solve, _tangents  # FGD needs the engine's own tangents (same key -> same draws)
 
 from benchmarks.tasks import Problem
 
@@ -69,9 +69,7 @@ def sofo_engine(problem: Problem, tangent_size: int, sampler: str | None = None)
 def forward_gradient(key, params, directional_derivatives, tangent_size, sampler="normal"):
     """sum_k (v_k^T grad L) v_k with the tangents the engine drew from the same key."""
     tangents = _tangents.sample(key, params, tangent_size, sampler)
-    return jax.tree_util.tree_map(
-        lambda v: jnp.tensordot(directional_derivatives.astype(v.dtype), v, axes=1), tangents
-    )
+    return _solve.combine(tangents, directional_derivatives)
 
 
 def _subtract(params, direction, lr):
