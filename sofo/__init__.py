@@ -8,10 +8,15 @@ from sofo._engine import SofoInfo, value_and_sofo_grad, value_and_sofo_grad_scan
 from sofo import transforms
 from sofo.transforms import State, sofo_grad
 from sofo._optax import SofoState, transform
+from sofo._adaptive import AdaptiveDamping, predicted_reduction
+from sofo._alias import sofo
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AdaptiveDamping",
+    "predicted_reduction",
+    "sofo",
     "SofoInfo",
     "State",
     "SofoState",

@@ -21,16 +21,7 @@ def check_config(*, tangent_size: Any, damping: Any, loss: Any, sampler: Any) ->
             f"tangent_size must be a positive int (the number K of random tangents per step); "
             f"got {tangent_size!r}. Pass e.g. tangent_size=100."
         )
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
-        raise ValueError(
-            f"damping must be a finite non-negative float (relative to the top curvature eigenvalue); "
-            f"got {damping!r}. Pass e.g. damping=1e-5."
-        )
-    if not math.isfinite(float(damping)) or float(damping) < 0:
-        raise ValueError(
-            f"damping must be a finite non-negative float (relative to the top curvature eigenvalue); "
-            f"got {damping!r}. Pass e.g. damping=1e-5."
-        )
+    check_damping(damping)
     if not isinstance(loss, str) or loss not in LOSSES:
         raise ValueError(
             f"loss={loss!r} is not a known curvature; choose one of {', '.join(map(repr, LOSSES))} "
@@ -41,6 +32,32 @@ def check_config(*, tangent_size: Any, damping: Any, loss: Any, sampler: Any) ->
             f"sampler={sampler!r} is not a known tangent sampler; choose one of "
             f"{', '.join(map(repr, SAMPLERS))}."
         )
+
+
+def check_damping(damping: Any, name: str = "damping") -> None:
+    """Validates a damping: a finite non-negative real, or a float jax scalar (checked when concrete).
+
+    A traced scalar (under `jax.jit`, `optax.inject_hyperparams` or an adaptive schedule) cannot be
+    inspected; its value is the caller's responsibility.
+    """
+    message = (
+        f"{name} must be a finite non-negative float (relative to the top curvature eigenvalue); "
+        f"got {damping!r}. Pass e.g. {name}=1e-5."
+    )
+    if isinstance(damping, (bool, np.bool_)):
+        raise ValueError(message)
+    if isinstance(damping, numbers.Real):
+        if not math.isfinite(float(damping)) or float(damping) < 0:
+            raise ValueError(message)
+        return
+    dtype = getattr(damping, "dtype", None)
+    if dtype is None or jnp.shape(damping) != () or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(message)
+    if isinstance(damping, jax.core.Tracer):
+        return
+    value = float(damping)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(message)
 
 
 def check_chunk_size(tangent_chunk_size: Any) -> None:
@@ -130,6 +147,36 @@ def check_tangent_count(tangent_size: int, sampler: str, num_params: int) -> Non
             f"sampler='orthonormal' needs tangent_size <= the number of parameters; got tangent_size="
             f"{tangent_size} for {num_params} parameters. Lower tangent_size to at most {num_params} or use "
             f"sampler='normal'."
+        )
+
+
+def check_memory(memory: Any, params: Any, tangent_size: int) -> None:
+    """Checks a memory of stored directions: params' structure, a leading axis m <= K on every leaf."""
+    if memory is None:
+        return
+    params_def = jax.tree_util.tree_structure(params)
+    memory_def = jax.tree_util.tree_structure(memory)
+    if params_def != memory_def:
+        raise ValueError(
+            f"memory must have the same pytree structure as params (each leaf with a leading axis of stored "
+            f"directions); params is {params_def} but memory is {memory_def}."
+        )
+    counts = set()
+    for (path, leaf), param in zip(jax.tree_util.tree_flatten_with_path(memory)[0], jax.tree_util.tree_leaves(params)):
+        shape, expected = jnp.shape(leaf), jnp.shape(param)
+        if len(shape) != len(expected) + 1 or shape[1:] != expected:
+            raise ValueError(
+                f"memory{jax.tree_util.keystr(path)} has shape {shape}; expected (m,) + {expected}, i.e. m "
+                f"stored directions shaped like the parameter."
+            )
+        counts.add(shape[0])
+    if len(counts) > 1:
+        raise ValueError(f"the leaves of memory disagree on the number of stored directions: {sorted(counts)}.")
+    count = counts.pop()
+    if not 1 <= count <= tangent_size:
+        raise ValueError(
+            f"memory holds {count} directions; it must hold between 1 and tangent_size={tangent_size} (they "
+            f"replace that many of the K random tangents). Pass memory=None for none."
         )
 
 

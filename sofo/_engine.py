@@ -25,18 +25,27 @@ class SofoInfo(NamedTuple):
       top_eigenvalue: the largest eigenvalue of the K x K curvature sketch (before clipping).
       directional_derivatives: the K numbers v_k^T grad L.
       curvature: the K x K sketch (JV)^T H_L (JV).
+      coefficients: the K solve coefficients c = (G + damping * max_eig(G) I)^-1 g (direction = V c).
+        With `directional_derivatives` and `curvature` they give the subspace quadratic model's predicted
+        reduction (`sofo.predicted_reduction`), which adaptive damping compares with the actual one.
     """
 
     top_eigenvalue: jax.Array
     directional_derivatives: jax.Array
     curvature: jax.Array
+    coefficients: jax.Array
 
 
-def _prepare(key, params, tangent_size, sampler):
-    """Checks the key and the params; returns the typed key and the dtype of the small linear algebra."""
+def _prepare(key, params, tangent_size, sampler, damping, default_damping, memory):
+    """Checks the call's arguments; returns the typed key, the damping and the small linear algebra's dtype."""
     key = _checks.as_key(key)
     _checks.check_tangent_count(tangent_size, sampler, _checks.check_params(params))
-    return key, _tangents.compute_dtype(params)
+    if damping is None:
+        damping = default_damping
+    else:
+        _checks.check_damping(damping)
+    _checks.check_memory(memory, params, tangent_size)
+    return key, damping, _tangents.compute_dtype(params)
 
 
 def _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding):
@@ -89,7 +98,7 @@ def _finish(value, directional, curvature, project, damping, axis_name):
     if axis_name is not None:
         value, directional, curvature = jax.lax.pmean((value, directional, curvature), axis_name)
     coefficients, top = _solve.damped_solve(curvature, directional, damping)
-    return value, project(coefficients), SofoInfo(top, directional, curvature)
+    return value, project(coefficients), SofoInfo(top, directional, curvature, coefficients)
 
 
 def _streamed_direction(draw, indices, coefficients, params):
@@ -143,20 +152,26 @@ def value_and_sofo_grad(
         over that axis under `jax.jit`, for large K.
 
     Returns:
-      `f(key, params) -> (value, direction, info)`: `value = loss_fn(fun(params))`; `direction`, shaped
-      and typed like `params`, is V (G + damping * max_eig(G) I)^-1 V^T grad — a descent direction to
-      subtract (`params - lr * direction`); `info` is a `SofoInfo`. `key` is a `jax.random.key`, a legacy
+      `f(key, params, *, damping=None, memory=None) -> (value, direction, info)`:
+      `value = loss_fn(fun(params))`; `direction`, shaped and typed like `params`, is
+      V (G + damping * max_eig(G) I)^-1 V^T grad — a descent direction to subtract
+      (`params - lr * direction`); `info` is a `SofoInfo`. `key` is a `jax.random.key`, a legacy
       `PRNGKey` or an int seed. `f` is pure: it jit-compiles and vmaps over keys.
+      The call-time `damping` (a float or a traced scalar, e.g. an adaptive damping carried in an
+      optimiser state) overrides the one given here for that call. `memory`, a pytree like `params` whose
+      leaves have a leading axis of m <= K stored directions, replaces the first m random tangents
+      (see `sofo._tangents.sample`); the same key and memory give the same step.
 
     References:
       Yu et al., NeurIPS 2024, Algorithm 1.
     """
     _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding)
+    default_damping = damping
 
     streamed = sampler == "normal" and tangent_chunk_size is not None and tangent_chunk_size < tangent_size
 
-    def value_and_direction(key, params):
-        key, dtype = _prepare(key, params, tangent_size, sampler)
+    def value_and_direction(key, params, *, damping=None, memory=None):
+        key, damping, dtype = _prepare(key, params, tangent_size, sampler, damping, default_damping, memory)
         out_shapes = jax.eval_shape(fun, params)
         _checks.check_outputs(out_shapes, "fun")
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, out_shapes))
@@ -165,7 +180,7 @@ def value_and_sofo_grad(
             # dropped, and drawn again for the direction; only K output tangents are kept.
             count = -(-tangent_size // tangent_chunk_size)
             indices = jnp.arange(count * tangent_chunk_size).reshape(count, tangent_chunk_size)
-            draw = lambda ix: _tangents.sample(key, params, tangent_size, sampler, ix)  # noqa: E731
+            draw = lambda ix: _tangents.sample(key, params, tangent_size, sampler, ix, memory)  # noqa: E731
             outputs = fun(params)
             output_tangents = jax.lax.map(
                 lambda ix: jax.vmap(lambda v: jax.jvp(fun, (params,), (v,))[1])(draw(ix)), indices
@@ -175,7 +190,7 @@ def value_and_sofo_grad(
             )
             project = lambda c: _streamed_direction(draw, indices, c, params)  # noqa: E731
         else:
-            tangents = _tangents.sample(key, params, tangent_size, sampler)
+            tangents = _tangents.sample(key, params, tangent_size, sampler, memory=memory)
             outputs, output_tangents = _push(
                 fun, (params,), (tangents,), tangent_chunk_size, tangent_sharding
             )
@@ -223,8 +238,9 @@ def value_and_sofo_grad_scan(
         leading-axis size of y_t), and chunking applies to each step's forward pass.
 
     Returns:
-      `f(key, params, z0, xs, ys) -> (value, direction, info)` with `xs`, `ys` time-major pytrees of equal
-      leading length T. The initial latent `z0` is not differentiated (make it a parameter of `cell` to
+      `f(key, params, z0, xs, ys, *, damping=None, memory=None) -> (value, direction, info)` with `xs`,
+      `ys` time-major pytrees of equal leading length T; `damping` and `memory` as in
+      `value_and_sofo_grad`. The initial latent `z0` is not differentiated (make it a parameter of `cell` to
       learn it). With the same key it draws the same tangents as `value_and_sofo_grad`, so on the unrolled
       rollout with the summed loss both give the same direction.
 
@@ -232,6 +248,7 @@ def value_and_sofo_grad_scan(
       Yu et al., NeurIPS 2024, Section 3 (recurrent networks).
     """
     _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding)
+    default_damping = damping
 
     def check_cell(params, z0, xs, ys):
         t_xs, t_ys = _leading_length(xs, "xs"), _leading_length(ys, "ys")
@@ -260,10 +277,10 @@ def value_and_sofo_grad_scan(
         _checks.check_outputs(y, "cell (its y output)")
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, y, y0))
 
-    def value_and_direction(key, params, z0, xs, ys):
-        key, dtype = _prepare(key, params, tangent_size, sampler)
+    def value_and_direction(key, params, z0, xs, ys, *, damping=None, memory=None):
+        key, damping, dtype = _prepare(key, params, tangent_size, sampler, damping, default_damping, memory)
         check_cell(params, z0, xs, ys)
-        tangents = _tangents.sample(key, params, tangent_size, sampler)
+        tangents = _tangents.sample(key, params, tangent_size, sampler, memory=memory)
         latent_tangents = jax.tree_util.tree_map(
             lambda a: jnp.zeros((tangent_size,) + jnp.shape(a), jnp.result_type(a)), z0
         )

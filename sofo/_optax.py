@@ -7,13 +7,15 @@ value and top curvature eigenvalue for logging.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from sofo import _checks, _engine, _tangents
+from sofo import _adaptive, _checks, _engine, _tangents
 
 _FEEDFORWARD_CALL = (
     "updates, opt_state = optimizer.update(None, opt_state, params, fun=fun, loss_fn=loss_fn), "
@@ -33,12 +35,21 @@ class SofoState(NamedTuple):
       count: the number of steps taken (int32).
       value: the loss at the parameters passed to the last `update` (before that step); 0 before any.
       top_eigenvalue: the largest eigenvalue of the last step's K x K curvature sketch; 0 before any.
+      damping: the (relative) damping the next step will use: fixed, or adapted by Levenberg-Marquardt.
+      ratio: the last step's reduction ratio rho = actual / predicted reduction (adaptive damping only;
+        0 otherwise and before any step).
+      accepted: whether the last step was applied (always True without adaptive damping).
+      memory: the last m update directions (unit norm, newest first), or None with `memory_size=0`.
     """
 
     key: jax.Array
     count: jax.Array
     value: jax.Array
     top_eigenvalue: jax.Array
+    damping: jax.Array
+    ratio: jax.Array
+    accepted: jax.Array
+    memory: Any
 
 
 def transform(
@@ -49,6 +60,9 @@ def transform(
     sampler: str = "normal",
     key: Any = 0,
     tangent_chunk_size: int | None = None,
+    adaptive_damping: bool | _adaptive.AdaptiveDamping = False,
+    step_size: Any = 1.0,
+    memory_size: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """SOFO's damped Gauss-Newton direction in a random K-dimensional subspace, as an optax transform.
 
@@ -83,6 +97,20 @@ def transform(
         trajectory.
       tangent_chunk_size: push the tangents through the model this many at a time to bound memory
         (same direction; see `sofo.value_and_sofo_grad`). None pushes all K at once.
+      adaptive_damping: False (default: the paper's fixed `damping`), True (Levenberg-Marquardt with
+        the default `sofo.AdaptiveDamping()` schedule) or a `sofo.AdaptiveDamping(...)`. With it,
+        `damping` is the initial value, and each update also evaluates the loss at the candidate
+        parameters `params - step_size * direction` on the same batch (one extra forward pass, or one
+        rollout without tangents for a cell). A step whose loss is higher, or not finite, is rejected:
+        the update is zeros (the parameters stay put) and the damping grows. Otherwise the ratio of the
+        actual to the predicted reduction (`sofo.predicted_reduction`) adjusts it.
+      step_size: the learning rate the rest of the chain applies to this transform's output, a float or
+        an optax schedule of the step count; only used by adaptive damping, to predict the reduction of
+        the step actually taken. It must match: use `sofo.sofo(learning_rate)`, which sets both, or
+        `optax.chain(sofo.transform(..., step_size=lr), optax.sgd(lr))` with nothing else rescaling.
+      memory_size: m, the number of past update directions (unit norm, newest first) that replace m of
+        the K random tangents each step, carrying curvature information across steps. The state then
+        holds m parameter-sized buffers. 0 (default) for none; at most `tangent_size`.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state is a `SofoState`.
@@ -93,6 +121,13 @@ def transform(
     """
     _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
     _checks.check_chunk_size(tangent_chunk_size)
+    adaptive = _adaptive.check_adaptive(adaptive_damping)
+    _check_step_size(step_size)
+    if isinstance(memory_size, bool) or not isinstance(memory_size, int) or not 0 <= memory_size <= tangent_size:
+        raise ValueError(
+            f"memory_size must be an int between 0 and tangent_size={tangent_size} (past directions that "
+            f"replace that many random tangents); got {memory_size!r}. Pass e.g. memory_size=1."
+        )
     key = _checks.as_key(key)
     config = dict(
         tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
@@ -110,6 +145,10 @@ def transform(
             count=jnp.zeros([], jnp.int32),
             value=jnp.zeros([], dtype),
             top_eigenvalue=jnp.zeros([], dtype),
+            damping=jnp.asarray(damping, dtype),
+            ratio=jnp.zeros([], dtype),
+            accepted=jnp.asarray(True),
+            memory=_adaptive.init_memory(params, memory_size),
         )
 
     def update_fn(
@@ -128,14 +167,43 @@ def transform(
         # `updates` is not read: the direction comes from forward-mode derivatives of `fun`/`cell`.
         # Other extra args are meant for other transforms in the chain.
         del updates, extra_args
-        step = _step(state, params, fun=fun, loss_fn=loss_fn, cell=cell, z0=z0, xs=xs, ys=ys, config=config)
+        step, evaluate = _step(
+            state, params, fun=fun, loss_fn=loss_fn, cell=cell, z0=z0, xs=xs, ys=ys, config=config
+        )
         next_key, step_key = jax.random.split(state.key)
-        value, direction, info = step(step_key)
+        # Fixed damping comes from the config (so optax.inject_hyperparams can schedule it); adaptive
+        # damping is carried in the state.
+        damping_now = state.damping if adaptive is not None else damping
+        value, direction, info = step(step_key, damping_now, state.memory)
+        dtype = state.value.dtype
+        ratio = jnp.zeros([], dtype)
+        accepted = jnp.asarray(True)
+        next_damping = jnp.asarray(damping_now, dtype)
+        if adaptive is not None:
+            eta = step_size(state.count) if callable(step_size) else step_size
+            candidate = jax.tree_util.tree_map(
+                lambda p, h: (p - eta * h).astype(jnp.result_type(p)), params, direction
+            )
+            new_value = evaluate(candidate)
+            ratio = _adaptive.reduction_ratio(value, new_value, _adaptive.predicted_reduction(info, eta))
+            finite = jnp.isfinite(value) & jnp.isfinite(new_value) & _adaptive.all_finite(direction)
+            accepted = finite & (new_value <= value)
+            ratio = jnp.where(finite, ratio, 0.0).astype(dtype)
+            next_damping = _adaptive.next_damping(state.damping, ratio, accepted, adaptive).astype(dtype)
+            direction = jax.tree_util.tree_map(lambda h: jnp.where(accepted, h, jnp.zeros_like(h)), direction)
+        memory = state.memory
+        if memory is not None:
+            pushed = _adaptive.push_memory(memory, direction)
+            memory = jax.tree_util.tree_map(lambda new, old: jnp.where(accepted, new, old), pushed, memory)
         new_state = SofoState(
             key=next_key,
             count=optax.safe_increment(state.count),
-            value=jnp.asarray(value, state.value.dtype),
+            value=jnp.asarray(value, dtype),
             top_eigenvalue=jnp.asarray(info.top_eigenvalue, state.top_eigenvalue.dtype),
+            damping=next_damping,
+            ratio=ratio,
+            accepted=accepted,
+            memory=memory,
         )
         return direction, new_state
 
@@ -170,9 +238,38 @@ def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config):
                 f"{', '.join(stray)} only apply to a recurrent cell; pass cell= instead of fun=: {_SCAN_CALL}."
             )
         engine = _engine.value_and_sofo_grad(fun, loss_fn, **config)
-        return lambda key: engine(key, params)
+        step = lambda key, damping, memory: engine(key, params, damping=damping, memory=memory)  # noqa: E731
+        return step, lambda candidate: loss_fn(fun(candidate))
     missing = [name for name, v in (("z0", z0), ("xs", xs)) if v is None]
     if missing:
         raise TypeError(f"with cell=, update also needs {' and '.join(m + '=' for m in missing)}: {_SCAN_CALL}.")
     engine = _engine.value_and_sofo_grad_scan(cell, loss_fn, **config)
-    return lambda key: engine(key, params, z0, xs, ys)
+    step = lambda key, damping, memory: engine(key, params, z0, xs, ys, damping=damping, memory=memory)  # noqa: E731
+    return step, lambda candidate: _rollout_loss(cell, loss_fn, candidate, z0, xs, ys)
+
+
+def _rollout_loss(cell, loss_fn, params, z0, xs, ys):
+    """sum_t loss_fn(y_t, ys[t]) along one rollout without tangents (adaptive damping's extra pass)."""
+
+    dtype = _tangents.compute_dtype(params)
+
+    def step(carry, inputs):
+        z, total = carry
+        x, target = inputs
+        z, y = cell(params, z, x)
+        return (z, total + jnp.asarray(loss_fn(y, target), dtype)), None
+
+    (_, total), _ = jax.lax.scan(step, (z0, jnp.zeros((), dtype)), (xs, ys))
+    return total
+
+
+def _check_step_size(step_size: Any) -> None:
+    if callable(step_size):
+        return
+    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real) or not (
+        math.isfinite(float(step_size)) and float(step_size) > 0
+    ):
+        raise ValueError(
+            f"step_size must be a positive float or an optax schedule (the learning rate applied after this "
+            f"transform); got {step_size!r}. Pass the same value as the chain's learning rate."
+        )

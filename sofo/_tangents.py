@@ -15,7 +15,28 @@ def compute_dtype(params: Any) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-def sample(key: jax.Array, params: Any, tangent_size: int, sampler: str, indices: jax.Array | None = None) -> Any:
+def memory_count(memory: Any) -> int:
+    """m, the number of stored directions in a memory pytree (leading axis of every leaf); 0 for None."""
+    if memory is None:
+        return 0
+    leaves = jax.tree_util.tree_leaves(memory)
+    return int(leaves[0].shape[0]) if leaves else 0
+
+
+def _flat_memory(memory: Any, dtype) -> jax.Array:
+    """The m memory directions as an m x n matrix in `dtype` (leaf order as in params)."""
+    leaves = jax.tree_util.tree_leaves(memory)
+    return jnp.concatenate([jnp.reshape(leaf, (leaf.shape[0], -1)).astype(dtype) for leaf in leaves], axis=1)
+
+
+def sample(
+    key: jax.Array,
+    params: Any,
+    tangent_size: int,
+    sampler: str,
+    indices: jax.Array | None = None,
+    memory: Any = None,
+) -> Any:
     """Draws tangents; returns a pytree like `params` with a leading tangent axis on each leaf.
 
     `normal`: i.i.d. Gaussian tangents, each scaled to unit global L2 norm. Tangent k depends only on
@@ -24,6 +45,12 @@ def sample(key: jax.Array, params: Any, tangent_size: int, sampler: str, indices
     `orthonormal`: K orthonormal vectors in parameter space (requires K <= n), from a QR decomposition of
     a Gaussian n x K matrix; with K = n they span every direction. Drawn all at once (`indices` unused).
     Each leaf is cast to its parameter's dtype (a JVP needs matching dtypes).
+
+    `memory` (optional): a pytree like `params` with a leading axis of m <= K stored directions (e.g. the
+    last m update directions). They take the place of tangents 0..m-1: with `normal`, tangent k < m is
+    memory k scaled to unit norm; with `orthonormal`, the K tangents are the orthonormalisation of
+    [memory, Gaussian draws], so the memory directions lie in their span. A memory direction that is all
+    zeros (e.g. before any step) is replaced by the random tangent it would have displaced.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     shapes = [jnp.shape(leaf) for leaf in leaves]
@@ -42,8 +69,28 @@ def sample(key: jax.Array, params: Any, tangent_size: int, sampler: str, indices
         # Small vmapped batches under lax.map: the same tangents as one vmap over all K, but the PRNG's
         # K x n work buffers and a flat K x n copy are never live at once (they set the scan engine's peak).
         blocks = jax.lax.map(one, indices, batch_size=min(16, indices.shape[0]))
+        count = memory_count(memory)
+        if count:
+            # Tangent k < m is memory k (unit norm) unless that memory slot is still empty.
+            flat_memory = _flat_memory(memory, dtype)
+            norms = jnp.linalg.norm(flat_memory, axis=1)
+            slot = jnp.minimum(indices, count - 1)
+            use = (indices < count) & (norms[slot] > 0)
+            unit = flat_memory[slot] / jnp.where(norms[slot] > 0, norms[slot], 1)[:, None]
+            blocks = [
+                jnp.where(use.reshape((-1,) + (1,) * len(shape)), unit[:, a:b].reshape((-1,) + shape), block)
+                for block, a, b, shape in zip(blocks, offsets, offsets[1:], shapes)
+            ]
     elif sampler == "orthonormal":
-        flat = jnp.linalg.qr(jax.random.normal(key, (sum(sizes), tangent_size), dtype))[0].T
+        raw = jax.random.normal(key, (sum(sizes), tangent_size), dtype)
+        count = memory_count(memory)
+        if count:
+            # QR keeps the span of the leading columns: the memory directions lie in span(V).
+            flat_memory = _flat_memory(memory, dtype)
+            norms = jnp.linalg.norm(flat_memory, axis=1)
+            lead = jnp.where(norms[None, :] > 0, flat_memory.T / jnp.where(norms > 0, norms, 1)[None, :], raw[:, :count])
+            raw = raw.at[:, :count].set(lead)
+        flat = jnp.linalg.qr(raw)[0].T
         blocks = [
             flat[:, a:b].reshape((tangent_size,) + shape) for a, b, shape in zip(offsets, offsets[1:], shapes)
         ]

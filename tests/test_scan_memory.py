@@ -89,3 +89,23 @@ def test_bptt_temp_memory_grows_with_time():
     # The control: the same measurement sees reverse mode storing every step's activations.
     short, long = bptt_temp(SHORT), bptt_temp(LONG)
     assert long > 5 * short, f"BPTT temp memory: {short} bytes at T={SHORT}, {long} bytes at T={LONG}"
+
+
+def adaptive_temp(time_steps):
+    """The recommended optimiser (LM damping: one extra rollout; memory: one stored direction) per step."""
+    optimizer = sofo.sofo(tangent_size=TANGENTS, memory_size=1)
+
+    def step(params, opt_state, z0, xs, ys):
+        updates, opt_state = optimizer.update(None, opt_state, params, cell=cell, loss_fn=mse, z0=z0, xs=xs, ys=ys)
+        return optax.apply_updates(params, updates), opt_state
+
+    params = param_shapes()
+    return temp_bytes(step, params, jax.eval_shape(optimizer.init, params), *data_shapes(time_steps))
+
+
+def test_adaptive_optimizer_temp_memory_is_flat_in_time():
+    short, long = adaptive_temp(SHORT), adaptive_temp(LONG)
+    assert short > 0
+    assert abs(long - short) <= 0.1 * short, (
+        f"sofo.sofo temp memory grew with T: {short} bytes at T={SHORT}, {long} bytes at T={LONG}"
+    )

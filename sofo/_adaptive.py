@@ -1,0 +1,136 @@
+"""Levenberg-Marquardt damping and subspace memory over the engine's subspace quadratic model.
+
+Nothing here samples tangents, builds a sketch or solves: the engine returns g~ = V^T grad, G~ = V^T G V
+and c = (G~ + lambda max_eig I)^-1 g~ in its `SofoInfo`, and the fronts pass lambda (and the memory) back in
+at run time. This module only compares the model's predicted reduction with the actual one and adjusts
+lambda, the classic trust-region schedule (More, "The Levenberg-Marquardt algorithm: implementation and
+theory", 1978; Martens, "Deep learning via Hessian-free optimization", ICML 2010, Section 4.1).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class AdaptiveDamping(NamedTuple):
+    """The Levenberg-Marquardt schedule for the (relative) damping.
+
+    After each step, with rho = actual reduction / predicted reduction on the same batch:
+    a rejected step (the loss went up, or a non-finite loss or direction) or rho < `lower_ratio`
+    multiplies the damping by `increase`; rho > `upper_ratio` divides it by `decrease`; otherwise it
+    stays. It is then clipped to [`min_damping`, `max_damping`].
+
+    Attributes:
+      min_damping: the smallest damping (relative to the top curvature eigenvalue).
+      max_damping: the largest damping. Near it the step is a scaled gradient step.
+      increase: the factor applied after a poor or rejected step (> 1).
+      decrease: the divisor applied after a very good step (> 1).
+      lower_ratio: rho below this counts as poor.
+      upper_ratio: rho above this counts as very good.
+    """
+
+    min_damping: float = 1e-8
+    max_damping: float = 1e4
+    increase: float = 3.0
+    decrease: float = 3.0
+    lower_ratio: float = 0.25
+    upper_ratio: float = 0.75
+
+
+def check_adaptive(adaptive: Any) -> AdaptiveDamping | None:
+    """Normalises `adaptive_damping` (bool or AdaptiveDamping) and validates it, naming what is wrong."""
+    if adaptive is False or adaptive is None:
+        return None
+    if adaptive is True:
+        return AdaptiveDamping()
+    if not isinstance(adaptive, AdaptiveDamping):
+        raise TypeError(
+            f"adaptive_damping must be True, False or a sofo.AdaptiveDamping(...); got {type(adaptive).__name__}. "
+            f"Pass e.g. adaptive_damping=sofo.AdaptiveDamping(increase=2.0)."
+        )
+    for name in AdaptiveDamping._fields:
+        value = getattr(adaptive, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ValueError(f"AdaptiveDamping.{name} must be a finite float; got {value!r}.")
+    if not 0 < adaptive.min_damping <= adaptive.max_damping:
+        raise ValueError(
+            f"AdaptiveDamping needs 0 < min_damping <= max_damping; got min_damping={adaptive.min_damping!r}, "
+            f"max_damping={adaptive.max_damping!r}."
+        )
+    if adaptive.increase <= 1 or adaptive.decrease <= 1:
+        raise ValueError(
+            f"AdaptiveDamping needs increase > 1 and decrease > 1 (they are factors); got "
+            f"increase={adaptive.increase!r}, decrease={adaptive.decrease!r}."
+        )
+    if not 0 <= adaptive.lower_ratio <= adaptive.upper_ratio:
+        raise ValueError(
+            f"AdaptiveDamping needs 0 <= lower_ratio <= upper_ratio; got lower_ratio={adaptive.lower_ratio!r}, "
+            f"upper_ratio={adaptive.upper_ratio!r}."
+        )
+    return adaptive
+
+
+def predicted_reduction(info: Any, step_size: Any = 1.0) -> jax.Array:
+    """The subspace quadratic model's predicted loss reduction for the step params - step_size * direction.
+
+    pred = step_size * c.g~ - step_size^2 / 2 * c^T G~ c, with the undamped sketch G~ (as in
+    Levenberg-Marquardt), from a `SofoInfo`.
+
+    Args:
+      info: the `SofoInfo` of the step (its coefficients, directional derivatives and curvature).
+      step_size: the learning rate applied to the direction.
+
+    Returns:
+      The predicted reduction, a scalar (positive for a descent step on a convex model).
+    """
+    c = info.coefficients
+    linear = jnp.dot(c, info.directional_derivatives.astype(c.dtype))
+    quadratic = jnp.dot(c, info.curvature.astype(c.dtype) @ c)
+    return step_size * linear - 0.5 * step_size**2 * quadratic
+
+
+def reduction_ratio(value: jax.Array, new_value: jax.Array, predicted: jax.Array) -> jax.Array:
+    """rho = (value - new_value) / predicted; 0 where the model predicts no reduction (a poor step)."""
+    actual = value - new_value
+    positive = predicted > 0
+    return jnp.where(positive, actual / jnp.where(positive, predicted, 1), 0.0)
+
+
+def next_damping(damping: jax.Array, ratio: jax.Array, accepted: jax.Array, config: AdaptiveDamping) -> jax.Array:
+    """One Levenberg-Marquardt update of the damping (see `AdaptiveDamping`)."""
+    poor = jnp.logical_or(jnp.logical_not(accepted), ratio < config.lower_ratio)
+    good = jnp.logical_and(accepted, ratio > config.upper_ratio)
+    damping = jnp.where(poor, damping * config.increase, jnp.where(good, damping / config.decrease, damping))
+    return jnp.clip(damping, config.min_damping, config.max_damping)
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when every number in the pytree is finite."""
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def init_memory(params: Any, size: int) -> Any:
+    """An empty memory: `size` all-zero directions shaped like `params` (the engine skips zero slots)."""
+    if not size:
+        return None
+    return jax.tree_util.tree_map(lambda p: jnp.zeros((size,) + jnp.shape(p), jnp.result_type(p)), params)
+
+
+def push_memory(memory: Any, direction: Any) -> Any:
+    """The memory with `direction` (normalised to unit global norm) first and the oldest entry dropped."""
+    if memory is None:
+        return None
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32)))) for leaf in jax.tree_util.tree_leaves(direction)))
+    scale = jnp.where(norm > 0, 1 / jnp.where(norm > 0, norm, 1), 0)
+
+    def leaf(stored, new):
+        unit = (new * scale.astype(new.dtype))[None]
+        return jnp.concatenate([unit.astype(stored.dtype), stored[:-1]], axis=0)
+
+    return jax.tree_util.tree_map(leaf, memory, direction)

@@ -1,0 +1,80 @@
+"""`sofo.sofo(learning_rate, ...)`: the recommended SOFO optimiser, an optax alias with the step included."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from sofo import _adaptive, _optax
+
+# The recommended configuration: Levenberg-Marquardt damping from DEFAULT_DAMPING, one remembered direction.
+DEFAULT_DAMPING = 1e-2
+DEFAULT_MEMORY_SIZE = 1
+
+
+def sofo(
+    learning_rate: Any = 1.0,
+    *,
+    tangent_size: int = 100,
+    loss: str = "mse",
+    key: Any = 0,
+    sampler: str = "normal",
+    damping: float = DEFAULT_DAMPING,
+    adaptive_damping: bool | _adaptive.AdaptiveDamping = True,
+    memory_size: int = DEFAULT_MEMORY_SIZE,
+    tangent_chunk_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """SOFO with adaptive (Levenberg-Marquardt) damping and subspace memory, as an optax optimiser.
+
+    Like `optax.adam(learning_rate)`, it includes the step: `update` returns updates for
+    `optax.apply_updates`, sign included. It is `optax.chain(sofo.transform(..., step_size=learning_rate),
+    optax.scale_by_learning_rate(learning_rate))`, so the Levenberg-Marquardt ratio is computed for the step
+    actually taken. The defaults are the configuration recommended without per-task tuning: a full
+    Gauss-Newton step (learning_rate 1), damping that starts at 1e-2 of the top curvature eigenvalue and
+    adapts every step, and the last update direction kept as one of the K tangents.
+
+    Use: `opt_state = opt.init(params)`, then per step
+    `updates, opt_state = opt.update(None, opt_state, params, fun=fun, loss_fn=loss_fn)` for
+    `loss_fn(fun(params))`, or `opt.update(None, opt_state, params, cell=cell, loss_fn=loss_fn, z0=z0,
+    xs=xs, ys=ys)` for a recurrent cell, then `params = optax.apply_updates(params, updates)`. `updates`
+    may be None (or any pytree; it is not read). A rejected step (the loss on the same batch would go up,
+    or is not finite) returns zeros, so the parameters stay put and the damping grows; `opt_state[0]` is
+    the `SofoState` with the damping, the last reduction ratio and whether the step was accepted.
+
+    Args:
+      learning_rate: the step size (a float or an optax schedule). 1.0, the full damped Gauss-Newton
+        step, is the recommended value; the adaptive damping then acts as a trust region.
+      tangent_size: K, the number of tangents per step (random ones plus `memory_size` remembered ones).
+      loss: the curvature form, "mse", "ce" or "exact" (see `sofo.value_and_sofo_grad`).
+      key: a `jax.random.key`, a legacy `PRNGKey` or an int seed.
+      sampler: "normal" or "orthonormal" tangents.
+      damping: the initial relative damping.
+      adaptive_damping: True (the default `sofo.AdaptiveDamping()` schedule), a `sofo.AdaptiveDamping`,
+        or False for fixed damping (then nothing is re-evaluated and every step is applied).
+      memory_size: how many past update directions replace random tangents (0 for none).
+      tangent_chunk_size: push the tangents through the model this many at a time to bound memory.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`; its state is `(SofoState, ScaleByScheduleState or
+      EmptyState)`.
+
+    References:
+      Yu, Xia, Ma, Lengyel & Hennequin, "Second-order forward-mode optimization of recurrent neural
+      networks for neuroscience", NeurIPS 2024; More, "The Levenberg-Marquardt algorithm: implementation and
+      theory", 1978.
+    """
+    return optax.chain(
+        _optax.transform(
+            tangent_size=tangent_size,
+            damping=damping,
+            loss=loss,
+            sampler=sampler,
+            key=key,
+            tangent_chunk_size=tangent_chunk_size,
+            adaptive_damping=adaptive_damping,
+            step_size=learning_rate,
+            memory_size=memory_size,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
