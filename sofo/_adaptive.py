@@ -101,7 +101,7 @@ def reduction_ratio(value: jax.Array, new_value: jax.Array, predicted: jax.Array
     return jnp.where(positive, actual / jnp.where(positive, predicted, 1), 0.0)
 
 
-def next_damping(damping: jax.Array, ratio: jax.Array, accepted: jax.Array, config: AdaptiveDamping) -> jax.Array:
+def next_damping_fn(damping: jax.Array, ratio: jax.Array, accepted: jax.Array, config: AdaptiveDamping) -> jax.Array:
     """One Levenberg-Marquardt update of the damping (see `AdaptiveDamping`)."""
     poor = jnp.logical_or(jnp.logical_not(accepted), ratio < config.lower_ratio)
     good = jnp.logical_and(accepted, ratio > config.upper_ratio)
@@ -134,3 +134,53 @@ def push_memory(memory: Any, direction: Any) -> Any:
         return jnp.concatenate([unit.astype(stored.dtype), stored[:-1]], axis=0)
 
     return jax.tree_util.tree_map(leaf, memory, direction)
+
+
+class StepResult(NamedTuple):
+    """What one adaptive step decided (see `adaptive_step`)."""
+
+    value: jax.Array
+    direction: Any
+    info: Any
+    damping: jax.Array
+    ratio: jax.Array
+    accepted: jax.Array
+    memory: Any
+
+
+def adaptive_step(step, evaluate, params, damping, memory, step_size, config: AdaptiveDamping | None, dtype):
+    """One SOFO step with (optionally) Levenberg-Marquardt damping and memory, shared by every front.
+
+    Args:
+      step: `step(damping, memory) -> (value, direction, info)`, the engine call on the current batch.
+      evaluate: `evaluate(params) -> loss` on the same batch (used only with `config`).
+      params: the current parameters.
+      damping: the damping for this step (a scalar).
+      memory: the stored directions (or None).
+      step_size: the learning rate that will be applied to the direction.
+      config: the `AdaptiveDamping` schedule, or None for fixed damping (no re-evaluation).
+      dtype: the dtype of the scalar diagnostics.
+
+    Returns:
+      A `StepResult`: the direction (zeros if the step was rejected), the loss before the step, the next
+      damping, the ratio rho, whether the step was accepted, and the next memory.
+    """
+    value, direction, info = step(damping, memory)
+    ratio = jnp.zeros([], dtype)
+    accepted = jnp.asarray(True)
+    next_damping = jnp.asarray(damping, dtype)
+    if config is not None:
+        candidate = jax.tree_util.tree_map(
+            lambda p, h: (p - step_size * h).astype(jnp.result_type(p)), params, direction
+        )
+        new_value = evaluate(candidate)
+        finite = jnp.isfinite(value) & jnp.isfinite(new_value) & all_finite(direction)
+        accepted = finite & (new_value <= value)
+        ratio = reduction_ratio(value, new_value, predicted_reduction(info, step_size))
+        ratio = jnp.where(finite, ratio, 0.0).astype(dtype)
+        next_damping = next_damping_fn(next_damping, ratio, accepted, config).astype(dtype)
+        direction = jax.tree_util.tree_map(lambda h: jnp.where(accepted, h, jnp.zeros_like(h)), direction)
+    if memory is not None:
+        pushed = push_memory(memory, direction)
+        memory = jax.tree_util.tree_map(lambda new, old: jnp.where(accepted, new, old), pushed, memory)
+    return StepResult(value, direction, info, next_damping, ratio, accepted, memory)

@@ -19,7 +19,7 @@ def sofo(
     tangent_size: int = 100,
     loss: str = "mse",
     key: Any = 0,
-    sampler: str = "normal",
+    sampler: str = "balanced",
     damping: float = DEFAULT_DAMPING,
     adaptive_damping: bool | _adaptive.AdaptiveDamping = True,
     memory_size: int = DEFAULT_MEMORY_SIZE,
@@ -32,7 +32,7 @@ def sofo(
     optax.scale_by_learning_rate(learning_rate))`, so the Levenberg-Marquardt ratio is computed for the step
     actually taken. The defaults are the configuration recommended without per-task tuning: a full
     Gauss-Newton step (learning_rate 1), damping that starts at 1e-2 of the top curvature eigenvalue and
-    adapts every step, and the last update direction kept as one of the K tangents.
+    adapts every step, the last update direction kept as one of the K tangents, and "balanced" tangents.
 
     Use: `opt_state = opt.init(params)`, then per step
     `updates, opt_state = opt.update(None, opt_state, params, fun=fun, loss_fn=loss_fn)` for
@@ -48,7 +48,9 @@ def sofo(
       tangent_size: K, the number of tangents per step (random ones plus `memory_size` remembered ones).
       loss: the curvature form, "mse", "ce" or "exact" (see `sofo.value_and_sofo_grad`).
       key: a `jax.random.key`, a legacy `PRNGKey` or an int seed.
-      sampler: "normal" or "orthonormal" tangents.
+      sampler: "balanced" (default: Gaussian tangents whose share in each parameter array grows with the
+        square root of its size, so readouts and biases are explored too), "layerwise", "normal" or
+        "orthonormal" (see `sofo.value_and_sofo_grad`).
       damping: the initial relative damping.
       adaptive_damping: True (the default `sofo.AdaptiveDamping()` schedule), a `sofo.AdaptiveDamping`,
         or False for fixed damping (then nothing is re-evaluated and every step is applied).

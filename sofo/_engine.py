@@ -137,9 +137,12 @@ def value_and_sofo_grad(
       loss: the curvature form: "mse" (H_L = I/B, B the outputs' leading-axis size), "ce" (softmax
         cross-entropy over the last axis, averaged over all other axes) or "exact" (the Hessian of
         `loss_fn` itself, by forward-over-reverse on the loss only; negative curvature is clipped).
-      sampler: "normal" (unit-norm Gaussian tangents) or "orthonormal" (K orthonormal vectors, K <= n).
+      sampler: "normal" (unit-norm Gaussian tangents), "layerwise" (Gaussian tangents whose every leaf
+        holds an equal share of the unit norm, so small leaves such as readouts and biases are explored as
+        much as large ones), "balanced" (each leaf's share of the squared norm proportional to the square
+        root of its size; between the two) or "orthonormal" (K orthonormal vectors, K <= n).
       tangent_chunk_size: push the tangents through the model this many at a time to bound peak memory;
-        the result is the same. With the "normal" sampler the tangents themselves are drawn chunk by
+        the result is the same. With the Gaussian samplers the tangents themselves are drawn chunk by
         chunk (and drawn again to form the direction), so neither the K tangents nor the forward pass's
         K-fold intermediates are held at once; "orthonormal" tangents come from one QR and are held
         whole. None (default) pushes all K at once.
@@ -168,7 +171,7 @@ def value_and_sofo_grad(
     _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding)
     default_damping = damping
 
-    streamed = sampler == "normal" and tangent_chunk_size is not None and tangent_chunk_size < tangent_size
+    streamed = sampler != "orthonormal" and tangent_chunk_size is not None and tangent_chunk_size < tangent_size
 
     def value_and_direction(key, params, *, damping=None, memory=None):
         key, damping, dtype = _prepare(key, params, tangent_size, sampler, damping, default_damping, memory)

@@ -91,7 +91,7 @@ def transform(
       tangent_size: K, the number of random tangents per step.
       damping: relative damping; the curvature sketch is damped by `damping * max_eig`.
       loss: the curvature form, "mse", "ce" or "exact" (see `sofo.value_and_sofo_grad`).
-      sampler: "normal" or "orthonormal" tangents (see `sofo.value_and_sofo_grad`).
+      sampler: "normal", "layerwise" or "orthonormal" tangents (see `sofo.value_and_sofo_grad`).
       key: a `jax.random.key`, a legacy `PRNGKey` or an int seed. Step t draws its tangents from
         `jax.random.split(key_t)[1]` and keeps `[0]` as `key_{t+1}`: the same key gives the same
         trajectory.
@@ -173,39 +173,22 @@ def transform(
         next_key, step_key = jax.random.split(state.key)
         # Fixed damping comes from the config (so optax.inject_hyperparams can schedule it); adaptive
         # damping is carried in the state.
-        damping_now = state.damping if adaptive is not None else damping
-        value, direction, info = step(step_key, damping_now, state.memory)
-        dtype = state.value.dtype
-        ratio = jnp.zeros([], dtype)
-        accepted = jnp.asarray(True)
-        next_damping = jnp.asarray(damping_now, dtype)
-        if adaptive is not None:
-            eta = step_size(state.count) if callable(step_size) else step_size
-            candidate = jax.tree_util.tree_map(
-                lambda p, h: (p - eta * h).astype(jnp.result_type(p)), params, direction
-            )
-            new_value = evaluate(candidate)
-            ratio = _adaptive.reduction_ratio(value, new_value, _adaptive.predicted_reduction(info, eta))
-            finite = jnp.isfinite(value) & jnp.isfinite(new_value) & _adaptive.all_finite(direction)
-            accepted = finite & (new_value <= value)
-            ratio = jnp.where(finite, ratio, 0.0).astype(dtype)
-            next_damping = _adaptive.next_damping(state.damping, ratio, accepted, adaptive).astype(dtype)
-            direction = jax.tree_util.tree_map(lambda h: jnp.where(accepted, h, jnp.zeros_like(h)), direction)
-        memory = state.memory
-        if memory is not None:
-            pushed = _adaptive.push_memory(memory, direction)
-            memory = jax.tree_util.tree_map(lambda new, old: jnp.where(accepted, new, old), pushed, memory)
+        eta = step_size(state.count) if callable(step_size) else step_size
+        result = _adaptive.adaptive_step(
+            lambda d, m: step(step_key, d, m), evaluate, params,
+            state.damping if adaptive is not None else damping, state.memory, eta, adaptive, state.value.dtype,
+        )
         new_state = SofoState(
             key=next_key,
             count=optax.safe_increment(state.count),
-            value=jnp.asarray(value, dtype),
-            top_eigenvalue=jnp.asarray(info.top_eigenvalue, state.top_eigenvalue.dtype),
-            damping=next_damping,
-            ratio=ratio,
-            accepted=accepted,
-            memory=memory,
+            value=jnp.asarray(result.value, state.value.dtype),
+            top_eigenvalue=jnp.asarray(result.info.top_eigenvalue, state.top_eigenvalue.dtype),
+            damping=result.damping,
+            ratio=result.ratio,
+            accepted=result.accepted,
+            memory=result.memory,
         )
-        return direction, new_state
+        return result.direction, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

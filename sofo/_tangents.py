@@ -42,6 +42,12 @@ def sample(
     `normal`: i.i.d. Gaussian tangents, each scaled to unit global L2 norm. Tangent k depends only on
     `fold_in(key, k)`, so any subset (`indices`) can be drawn on its own: chunked engines regenerate
     their tangents chunk by chunk instead of holding all K.
+    `layerwise`: the same Gaussian draws, but each leaf's block is scaled to norm 1/sqrt(L) (L the number
+    of non-empty leaves), so every weight array gets an equal share of every tangent: a readout or bias
+    with few entries is explored as much as a large recurrent matrix (with `normal`, a leaf's share of
+    the squared norm is proportional to its size).
+    `balanced`: in between: each leaf's share of the squared norm is proportional to the square root of
+    its size. `sofo.sofo`'s default.
     `orthonormal`: K orthonormal vectors in parameter space (requires K <= n), from a QR decomposition of
     a Gaussian n x K matrix; with K = n they span every direction. Drawn all at once (`indices` unused).
     Each leaf is cast to its parameter's dtype (a JVP needs matching dtypes).
@@ -57,14 +63,25 @@ def sample(
     sizes = [int(np.prod(shape)) for shape in shapes]
     dtype = compute_dtype(params)
     offsets = np.cumsum([0] + sizes)
-    if sampler == "normal":
+    if sampler in ("normal", "layerwise", "balanced"):
         indices = jnp.arange(tangent_size) if indices is None else indices
+        # Each leaf's share of a tangent's squared norm: equal ("layerwise"), or proportional to the
+        # square root of its size ("balanced"); "normal" leaves it proportional to the size.
+        weights = np.asarray([1.0 if size else 0.0 for size in sizes]) if sampler == "layerwise" else np.sqrt(sizes)
+        shares = weights / max(float(np.sum(weights)), 1.0)
 
         def one(index):
             # One flat draw per tangent (a draw per leaf compiles an order of magnitude slower).
             raw = jax.random.normal(jax.random.fold_in(key, index), (sum(sizes),), dtype)
-            raw = raw / jnp.linalg.norm(raw)
-            return [raw[a:b].reshape(shape) for a, b, shape in zip(offsets, offsets[1:], shapes)]
+            if sampler == "normal":
+                raw = raw / jnp.linalg.norm(raw)
+                return [raw[a:b].reshape(shape) for a, b, shape in zip(offsets, offsets[1:], shapes)]
+            blocks = []
+            for a, b, shape, share in zip(offsets, offsets[1:], shapes, shares):
+                block = raw[a:b]
+                norm = jnp.linalg.norm(block) if b > a else jnp.ones((), dtype)
+                blocks.append((block * (np.sqrt(share) / norm)).reshape(shape))
+            return blocks
 
         # Small vmapped batches under lax.map: the same tangents as one vmap over all K, but the PRNG's
         # K x n work buffers and a flat K x n copy are never live at once (they set the scan engine's peak).

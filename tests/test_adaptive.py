@@ -372,3 +372,47 @@ def test_bad_memory_is_refused_before_any_work():
         engine(0, params, memory=wrong)
     with pytest.raises(ValueError, match="damping must be a finite non-negative"):
         engine(0, params, damping=-1.0)
+
+
+# --- layerwise tangents ---------------------------------------------------------------------------
+
+
+def test_layerwise_tangents_give_every_leaf_an_equal_share_of_the_norm():
+    from sofo import _tangents
+
+    params = {"big": jnp.ones((40, 30)), "small": jnp.ones((3,)), "mid": jnp.ones((7, 2))}
+    tangents = _tangents.sample(jax.random.key(0), params, 5, "layerwise")
+    for name in ("big", "small", "mid"):
+        norms = jnp.sqrt(jnp.sum(tangents[name].reshape(5, -1) ** 2, axis=1))
+        np.testing.assert_allclose(norms, 1 / np.sqrt(3), rtol=1e-6)
+    # The directions within a leaf are the normal sampler's (same key), rescaled.
+    normal = _tangents.sample(jax.random.key(0), params, 5, "normal")
+    ratio = tangents["big"] / normal["big"]
+    np.testing.assert_allclose(ratio, ratio[:, :1, :1] * jnp.ones_like(ratio), rtol=1e-5)
+    # "balanced": squared-norm shares proportional to sqrt(size), summing to 1.
+    balanced = _tangents.sample(jax.random.key(0), params, 5, "balanced")
+    weights = {name: np.sqrt(leaf.size) for name, leaf in params.items()}
+    total = sum(weights.values())
+    for name in params:
+        shares = jnp.sum(balanced[name].reshape(5, -1) ** 2, axis=1)
+        np.testing.assert_allclose(shares, weights[name] / total, rtol=1e-5)
+
+
+def test_layerwise_directional_derivatives_and_full_rank_limit():
+    """g~ = V^T grad (V from the sampler, grad from jax.grad); with K = n layerwise tangents (a basis) and
+    vanishing damping the direction is the Gauss-Newton step G^-1 g (jnp.linalg.solve)."""
+    from sofo import _tangents
+
+    fun, loss_fn, params = small_mlp(8)
+    n = flat(params).size
+    engine = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=n, damping=1e-13, sampler="layerwise")
+    _, direction, info = engine(4, params)
+    tangents = _tangents.sample(jax.random.key(4), params, n, "layerwise")
+    basis = jnp.stack([flat(jax.tree_util.tree_map(lambda a, i=i: a[i], tangents)) for i in range(n)])
+    grad, ggn, _ = dense_quantities(fun, loss_fn, params)
+    np.testing.assert_allclose(info.directional_derivatives, basis @ grad, rtol=1e-9, atol=1e-12)
+    if np.linalg.cond(np.asarray(ggn)) < 1e8:
+        np.testing.assert_allclose(flat(direction), jnp.linalg.solve(ggn, grad), rtol=1e-4)
+    else:  # rank-deficient G: compare the predicted decrease instead (the minimum of the quadratic model)
+        expected = 0.5 * grad @ jnp.linalg.lstsq(ggn, grad)[0]
+        np.testing.assert_allclose(sofo.predicted_reduction(info, 1.0), expected, rtol=1e-4)
