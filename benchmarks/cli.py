@@ -1,15 +1,17 @@
-"""`python -m benchmarks`: SOFO against Adam (BPTT), SGD with momentum, forward gradient descent (FGD, the
-same tangents without curvature) and the exact damped Gauss-Newton step, on five problems.
+"""`python -m benchmarks`: SOFO against Adam (backprop through time) on recurrent networks, several seeds.
 
     pip install -e ".[bench]"
-    python -m benchmarks --quick              # about 2 minutes on a 2-core CPU, JIT included
-    python -m benchmarks                      # full sizes and a K sweep: meant for a GPU
-    python -m benchmarks --tasks lorenz,kalman --out results/ --seed 1
+    python -m benchmarks --quick              # the three RNN tasks, 3 seeds, a few minutes on a 2-core CPU
+    python -m benchmarks                      # more iterations and seeds, a K sweep: meant for a GPU
+    python -m benchmarks --tasks flipflop --seeds 5 --out results/
+    python -m benchmarks --tasks linreg,digits --methods adam,sgd,sofo,sofo_lm,fgd,gn
 
-Every optimizer runs a small fixed grid of learning rates (the grids are in benchmarks/tasks.py); the
-best one (lowest mean loss over the last 10% of iterations) is reported. Prints one table per task and a
-summary (per-step time SOFO/Adam; iterations for SOFO to reach Adam's best loss), and writes
-`<task>.png`, `summary.png`, `results.md` and `results.json` into `--out`.
+Compared on each task and seed: Adam (BPTT) with its learning rate tuned on a grid; plain SOFO (the
+paper's algorithm: fixed learning rate and damping); `sofo.sofo`, the recommended configuration
+(adaptive damping and subspace memory, never tuned); and forward gradient descent (FGD: the same tangents
+without curvature, tuned on a grid). A tuned method gets one learning rate per task: the one with the
+best median score over the seeds. Prints one table per task and a summary, and writes `<task>.png`,
+`summary.png`, `results.md` and `results.json` into `--out`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import time
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 _NEEDED = {"tqdm": "tqdm", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
-_EXTRAS = ("memory", "engine_overhead")
+_EXTRAS = ("memory", "engine_overhead", "adaptive_overhead")
+DEFAULT_TASKS = ("flipflop", "lorenz", "kalman")
+METHODS = ("adam", "sgd", "sofo", "sofo_lm", "fgd", "gn")
 
 
 def missing_dependencies() -> list[str]:
@@ -55,10 +59,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: minutes on a laptop CPU")
     parser.add_argument(
-        "--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)} (default: all)"
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help=f"comma-separated subset of {','.join(TASKS)} (default: {','.join(DEFAULT_TASKS)})",
     )
     parser.add_argument("--out", default="results", help="folder for the figures and tables (default: results)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data, initial weights and tangents")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (data, initial weights and tangents)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="how many seeds per task (default: 3 with --quick, 5 without)"
+    )
+    parser.add_argument(
+        "--methods",
+        default="adam,sofo,sofo_lm,fgd",
+        help="comma-separated subset of adam,sgd,sofo,sofo_lm,fgd,gn (default: adam,sofo,sofo_lm,fgd)",
+    )
     parser.add_argument("--iterations", type=int, default=None, help="override every task's iteration count")
     parser.add_argument("--no-plots", action="store_true", help="print the tables only")
     parser.add_argument(
@@ -71,6 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad_methods = [m for m in args.methods if m not in METHODS]
+    if bad_methods:
+        parser.error(f"unknown method(s) {', '.join(bad_methods)}; choose from {', '.join(METHODS)}")
+    if args.seeds is None:
+        args.seeds = 3 if args.quick else 5
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1; got {args.seeds}")
     args.extras = [e.strip() for e in args.extras.split(",") if e.strip()]
     bad = [e for e in args.extras if e not in _EXTRAS]
     if bad:
@@ -105,59 +127,73 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from benchmarks import report, suite
+    from benchmarks import report, seeds
     from benchmarks.optimizers import optimizers_for
     from benchmarks.tasks import TASKS
 
     start = time.perf_counter()
     mode = "quick" if args.quick else "full"
-    header = f"sofo benchmarks ({mode}, seed {args.seed}) on {machine_description()}"
+    seed_list = list(range(args.seed, args.seed + args.seeds))
+    machine = machine_description()
+    header = f"sofo benchmarks ({mode}, seeds {seed_list[0]}-{seed_list[-1]}) on {machine}"
     print(header, flush=True)
-    problems = {name: TASKS[name](seed=args.seed, quick=args.quick) for name in args.tasks}
+    first = {name: TASKS[name](seed=args.seed, quick=args.quick) for name in args.tasks}
     total = 0
-    for problem in problems.values():
+    for problem in first.values():
         steps = problem.iterations if args.iterations is None else args.iterations
-        total += steps * sum(len(problem.learning_rates[o.kind]) for o in optimizers_for(problem))
+        grids = [len(problem.learning_rates[o.kind]) for o in optimizers_for(problem) if o.kind in args.methods]
+        total += steps * sum(grids) * len(seed_list)
 
-    all_runs, per_task_md, comparisons = {}, [], []
+    results, per_task_md, comparisons = {}, [], []
     with tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
 
         def progress(steps: int, description: str) -> None:
             bar.set_description(description, refresh=False)
             bar.update(steps)
 
-        for name, problem in problems.items():
-            _, runs = suite.run_task(
-                name, quick=args.quick, seed=args.seed, iterations=args.iterations, progress=progress,
-                problem=problem,
+        for name in args.tasks:
+            problems, methods = seeds.run_task_seeds(
+                name, quick=args.quick, seeds=seed_list, iterations=args.iterations, kinds=args.methods,
+                progress=progress,
             )
-            all_runs[name] = runs
-            rows, task_comparisons = suite.summary_rows(problem, runs)
-            comparisons.extend(task_comparisons)
-            text = f"### {problem.title}\n\n{problem.notes}.\n\n{report.markdown_table(rows[:], None)}"
+            results[name] = (problems[0], methods)
+            comparisons.extend(seeds.compare_seeds(methods))
+            problem = problems[0]
+            text = (
+                f"### {problem.title}\n\n{problem.notes}; {len(seed_list)} seeds, "
+                f"{problem.iterations if args.iterations is None else args.iterations} iterations, "
+                f"K={problem.tangent_sizes[0]}.\n\n{report.markdown_table(seeds.task_rows(methods))}"
+            )
             per_task_md.append(text)
             bar.write("\n" + text + "\n")
 
-    summary = report.markdown_table(report.comparison_rows(problems, comparisons))
-    elapsed = time.perf_counter() - start
-    print("\n### Summary: SOFO against Adam's best loss\n")
-    print(summary)
-    print(
-        "\nstep time: median ms/step (compile excluded); Adam iters: when Adam first reached its best loss; "
-        "SOFO iters: when SOFO first got at or below it; 'Adam s'/'SOFO s': wall-clock seconds to get there."
+    problems = {name: problem for name, (problem, _) in results.items()}
+    summary = report.markdown_table(seeds.summary_rows(comparisons, problems))
+    legend = (
+        "fewer iters than Adam: Adam's iterations to reach its own final loss divided by SOFO's iterations to "
+        "reach it, per seed (a miss, where SOFO never got there, counts as 0x); the median over seeds is shown. "
+        "blow-ups: runs whose loss ever exceeded 10x its initial value. step time: median ms/step, compile "
+        "excluded. Adam and FGD learning rates are tuned on a grid (one rate per task, best median over the "
+        "seeds); plain SOFO and sofo.sofo are not tuned."
     )
+    elapsed = time.perf_counter() - start
+    print("\n### Summary: SOFO against tuned Adam\n")
+    print(summary)
+    print("\n" + legend)
 
     os.makedirs(args.out, exist_ok=True)
     written = []
+    subtitle = f"{mode}, {len(seed_list)} seeds, {machine.split(', jax')[0]}"
     if not args.no_plots:
-        for name, problem in problems.items():
+        for name, (problem, methods) in results.items():
             path = os.path.join(args.out, f"{name}.png")
-            report.plot_task(problem, all_runs[name], path)
+            report.plot_task_seeds(problem, methods, path, subtitle=f"{len(seed_list)} seeds")
             written.append(path)
-        path = os.path.join(args.out, "summary.png")
-        report.plot_summary(comparisons, path, subtitle=f"{mode}, {machine_description().split(', jax')[0]}")
-        written.append(path)
-    markdown = "\n\n".join([f"# {header}", *per_task_md, "### Summary\n\n" + summary])
+        if comparisons:
+            path = os.path.join(args.out, "summary.png")
+            report.plot_summary_seeds(comparisons, path, subtitle=subtitle)
+            written.append(path)
+    markdown = "\n\n".join([f"# {header}", *per_task_md, "### Summary\n\n" + summary, legend])
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -166,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
                 "header": header,
                 "runs": [
                     {
-                        "task": r.task, "optimizer": r.label, "kind": r.kind, "tangent_size": r.tangent_size,
-                        "lr": r.lr, "losses": [float(x) for x in r.losses], "seconds": [float(x) for x in r.seconds],
-                        "ms_per_step": r.step_ms, "compile_s": r.compile_s, "metrics": r.metrics,
+                        "task": name, "optimizer": m.label, "kind": m.kind, "tangent_size": r.tangent_size,
+                        "lr": m.lr, "seed": seed, "losses": [float(x) for x in r.losses],
+                        "seconds": [float(x) for x in r.seconds], "ms_per_step": r.step_ms,
+                        "compile_s": r.compile_s,
                     }
-                    for runs in all_runs.values() for r in runs
+                    for name, (_, methods) in results.items() for m in methods.values()
+                    for seed, r in zip(seed_list, m.runs)
                 ],
             },
             f,

@@ -1,7 +1,9 @@
 """The optimizers compared, each as a pure `step(state, lr) -> (state, loss)` on a `Problem`.
 
-- SOFO: `optax.chain(sofo.transform(...), optax.sgd(lr))` (K random tangents, Gauss-Newton in their
-  span, params -= lr * direction).
+- SOFO plain: `optax.chain(sofo.transform(...), optax.sgd(lr))` (K random tangents, Gauss-Newton in their
+  span with the task's fixed damping, params -= lr * direction): the paper's algorithm.
+- sofo.sofo: the recommended configuration, `sofo.sofo(tangent_size=K, loss=...)` with its defaults
+  (learning rate 1, Levenberg-Marquardt damping, one remembered direction), the same on every task.
 - FGD (forward gradient descent): the SAME K tangents and the same forward pass, but no curvature:
   direction = (n / K) sum_k (v_k^T grad L) v_k, from the engine's `info.directional_derivatives`. The
   tangents have unit norm, so E[v v^T] = I / n and the n / K factor makes the direction an unbiased
@@ -35,7 +37,7 @@ class Optimizer:
     """An optimizer bound to a problem.
 
     Attributes:
-      kind: "sofo", "fgd", "adam", "sgd" or "gn" (also the key of the problem's learning-rate grid).
+      kind: "sofo", "sofo_lm", "fgd", "adam", "sgd" or "gn" (also the key of the problem's learning-rate grid).
       label: what tables and plots call it, e.g. "SOFO K=64".
       tangent_size: K for SOFO and FGD, else None.
       init: `init(params) -> state`.
@@ -99,7 +101,24 @@ def make_sofo(problem: Problem, tangent_size: int, seed: int = 0) -> Optimizer:
         updates, opt_state = build(lr).update(None, opt_state, params, **_model_args(problem))
         return (optax.apply_updates(params, updates), opt_state), opt_state[0].value
 
-    return Optimizer("sofo", f"SOFO K={tangent_size}", tangent_size, init, step)
+    return Optimizer("sofo", f"SOFO plain K={tangent_size}", tangent_size, init, step)
+
+
+def make_sofo_recommended(problem: Problem, tangent_size: int, seed: int = 0) -> Optimizer:
+    """`sofo.sofo(tangent_size=K, loss=..., key=seed)` with every other setting at its default. The
+    learning rate passed to `step` is ignored: the alias's default (1.0) is the point."""
+    optimizer = sofo.sofo(tangent_size=tangent_size, loss=problem.curvature, key=jax.random.key(seed))
+
+    def init(params):
+        return params, optimizer.init(params)
+
+    def step(state, lr):
+        del lr
+        params, opt_state = state
+        updates, opt_state = optimizer.update(None, opt_state, params, **_model_args(problem))
+        return (optax.apply_updates(params, updates), opt_state), opt_state[0].value
+
+    return Optimizer("sofo_lm", f"sofo.sofo K={tangent_size}", tangent_size, init, step)
 
 
 def make_fgd(problem: Problem, tangent_size: int, seed: int = 0) -> Optimizer:
@@ -181,6 +200,7 @@ def optimizers_for(problem: Problem, *, seed: int = 0, gauss_newton: bool | None
     result = [make_adam(problem), make_sgd(problem)]
     for k in problem.tangent_sizes:
         result.append(make_sofo(problem, k, seed))
+        result.append(make_sofo_recommended(problem, k, seed))
     result.append(make_fgd(problem, problem.tangent_sizes[0], seed))
     if gauss_newton is None:
         gauss_newton = problem.gauss_newton and problem.size <= GAUSS_NEWTON_MAX_PARAMS

@@ -158,7 +158,7 @@ def compare(best: dict[str, Run]) -> list[Comparison]:
     adam_iterations = first_reach(adam.losses, target)
     result = []
     for run in best.values():
-        if run.kind != "sofo":
+        if run.kind not in ("sofo", "sofo_lm"):
             continue
         reached = first_reach(run.losses, target)
         result.append(

@@ -381,10 +381,11 @@ for T in (TIME, 4 * TIME):
         """
 ## Where next
 
-* `python -m benchmarks --quick` compares SOFO with Adam (BPTT), SGD with momentum, forward gradient
-  descent and the exact Gauss-Newton step on five problems; `benchmarks.ipynb` runs the same suite here.
-* `tangent_size` trades cost per step for progress per step; `damping` (relative to the top curvature
-  eigenvalue) trades step size for safety, and is worth a small search per problem.
+* `python -m benchmarks --quick` compares plain SOFO and `sofo.sofo` with tuned Adam (BPTT) and forward
+  gradient descent on three RNN tasks over several seeds; `benchmarks.ipynb` runs the same job here.
+* `sofo.sofo(tangent_size=K)` is the configuration to start from: learning rate 1, damping adapted every
+  step (Levenberg-Marquardt) and one remembered direction, with no per-task tuning. `tangent_size` trades
+  cost per step for progress per step.
 """
     ),
 ]
@@ -395,14 +396,15 @@ BENCHMARKS = [
         """
 # SOFO benchmarks
 
-The suite of `python -m benchmarks`: SOFO against Adam (backprop through time for RNNs), SGD with
-momentum, forward gradient descent (FGD: the same K tangents, no curvature) and the exact damped
-Gauss-Newton step (small problems only), on ill-conditioned linear regression, a Lorenz attractor RNN,
-the 3-bit flip-flop, an adaptive Kalman filter over a long horizon, and digits classification.
+The main job of `python -m benchmarks`, in a notebook: on recurrent networks (the 3-bit flip-flop, a
+Lorenz attractor generator and an adaptive Kalman filter over a long horizon), several seeds each, it
+compares Adam (backprop through time, learning rate tuned on a grid), plain SOFO (the paper's algorithm:
+fixed learning rate and damping), `sofo.sofo` (the recommended configuration: adaptive damping and
+subspace memory, never tuned) and forward gradient descent (FGD: the same tangents, no curvature).
 
-On a GPU or TPU this notebook runs the full sizes (with a K sweep); on a CPU it runs one small task for
-a handful of iterations, only to show the pipeline. Every optimizer runs a small fixed grid of
-learning rates (see `benchmarks/tasks.py`) and the best one is shown.
+On a GPU or TPU this notebook runs the full sizes. On a CPU it runs a **smoke test** (one tiny task, a few
+iterations) that only shows the pipeline: its numbers are not evidence either way. The CPU evidence is
+`python -m benchmarks --quick` and its tables in BENCHMARKS.md.
 """
     ),
     code(
@@ -416,8 +418,8 @@ from IPython.display import Image, Markdown, display
 ROOT = os.path.abspath("..")
 if os.path.isdir(os.path.join(ROOT, "benchmarks")) and ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from benchmarks import report, suite, tasks
-from benchmarks.cli import machine_description
+from benchmarks import report, seeds
+from benchmarks.cli import DEFAULT_TASKS, machine_description
 
 OUT = os.environ.get("SOFO_NOTEBOOK_OUT", os.path.join(ROOT, "results", "notebook"))
 os.makedirs(OUT, exist_ok=True)
@@ -427,28 +429,28 @@ print(machine_description())
     code(
         """
 if ACCELERATOR:
-    QUICK, TASKS, SIZES = False, list(tasks.TASKS), {}  # the full suite, as `python -m benchmarks`
+    QUICK, TASKS, SEEDS, SIZES = False, list(DEFAULT_TASKS), [0, 1, 2, 3, 4], {}  # as `python -m benchmarks`
 else:
-    # A CPU: one small RNN problem, a few iterations. `python -m benchmarks --quick` is the real CPU run.
-    QUICK, TASKS, SIZES = True, ["lorenz"], {"lorenz": dict(iterations=30, steps=30)}
-problems = {name: tasks.TASKS[name](seed=0, quick=QUICK, **SIZES.get(name, {})) for name in TASKS}
-for problem in problems.values():
-    print(f"{problem.name:9s} n={problem.size:6d}  K={problem.tangent_sizes}  iterations={problem.iterations}")
+    # A CPU smoke test: one tiny task. `python -m benchmarks --quick` is the real CPU run.
+    QUICK, TASKS, SEEDS = True, ["flipflop"], [0, 1]
+    SIZES = {"flipflop": dict(hidden=16, batch=8, steps=30, iterations=20, tangent_sizes=(16,))}
+METHODS = ["adam", "sofo", "sofo_lm", "fgd"]
 """
     ),
     code(
         """
-all_runs, comparisons = {}, []
-for name, problem in problems.items():
+results, comparisons = {}, []
+for name in TASKS:
     start = time.perf_counter()
-    _, runs = suite.run_task(name, quick=QUICK, problem=problem)
-    all_runs[name] = runs
-    rows, task_comparisons = suite.summary_rows(problem, runs)
-    comparisons += task_comparisons
-    display(Markdown(f"### {problem.title}\\n\\n{problem.notes} ({time.perf_counter() - start:.0f} s)\\n\\n"
-                     + report.markdown_table(rows)))
+    problems, methods = seeds.run_task_seeds(name, quick=QUICK, seeds=SEEDS, kinds=METHODS,
+                                             sizes=SIZES.get(name))
+    results[name] = (problems[0], methods)
+    comparisons += seeds.compare_seeds(methods)
+    display(Markdown(f"### {problems[0].title}\\n\\n{len(SEEDS)} seeds ({time.perf_counter() - start:.0f} s)"
+                     + ("" if ACCELERATOR else " - CPU smoke test, not evidence") + "\\n\\n"
+                     + report.markdown_table(seeds.task_rows(methods))))
     path = os.path.join(OUT, f"{name}.png")
-    report.plot_task(problem, runs, path)
+    report.plot_task_seeds(problems[0], methods, path, subtitle=f"{len(SEEDS)} seeds")
     display(Image(path))
 """
     ),
@@ -456,17 +458,18 @@ for name, problem in problems.items():
         """
 ## Summary
 
-Per-step time of SOFO relative to Adam (compile excluded), and how many iterations SOFO needs to reach
-the best loss Adam reached in the whole run. On a CPU the K tangents run one after another, so a step
-costs roughly K forward passes; on an accelerator they run in parallel and the per-step time gets close
-to a first-order step.
+For each task and SOFO variant: time per step relative to Adam (compile excluded) and how many times
+fewer iterations than Adam it needs to reach Adam's final loss, median over seeds (a seed where SOFO never
+gets there counts as 0x). On a CPU the K tangents run one after another, so a step costs roughly K
+forward passes; on an accelerator they run in parallel.
 """
     ),
     code(
         """
-display(Markdown(report.markdown_table(report.comparison_rows(problems, comparisons))))
+problems = {name: problem for name, (problem, _) in results.items()}
+display(Markdown(report.markdown_table(seeds.summary_rows(comparisons, problems))))
 path = os.path.join(OUT, "summary.png")
-report.plot_summary(comparisons, path, subtitle=BACKEND.upper())
+report.plot_summary_seeds(comparisons, path, subtitle=BACKEND.upper() + ("" if ACCELERATOR else ", smoke test"))
 display(Image(path))
 """
     ),

@@ -15,7 +15,7 @@ pytest.importorskip("sklearn")
 
 # benchmarks/ is a package at the repository root (not installed with sofo); pyproject's pytest
 # settings put the root on sys.path.
-from benchmarks import cli, optimizers, suite, tasks  # noqa: E402
+from benchmarks import cli, optimizers, seeds, suite, tasks  # noqa: E402
 
 ITERATIONS = 12
 
@@ -32,19 +32,21 @@ def test_smallest_task_runs_and_sofo_descends():
     rows, comparisons = suite.summary_rows(problem, runs)
 
     labels = [row["optimizer"] for row in rows]
-    assert labels == ["Adam", "SGD+momentum", "SOFO K=8", "FGD K=8", "Gauss-Newton (exact)"]
+    assert labels == ["Adam", "SGD+momentum", "SOFO plain K=8", "sofo.sofo K=8", "FGD K=8", "Gauss-Newton (exact)"]
     assert all(len(run.losses) == ITERATIONS + 1 for run in runs)
     assert {len(problem.learning_rates[run.kind]) for run in runs} >= {1}
 
     best = suite.best_runs(runs)
-    sofo_run = best["SOFO K=8"]
+    sofo_run = best["SOFO plain K=8"]
     assert sofo_run.losses[-1] < 0.5 * sofo_run.losses[0]
     # The regression is quadratic: the exact damped Gauss-Newton step (damping 1e-4 of the top eigenvalue,
     # smallest eigenvalue 1e-4) lands within a factor ~1e-4 of the optimum, 0, in one step.
     gauss_newton = best["Gauss-Newton (exact)"]
     assert gauss_newton.losses[1] < 1e-3 * gauss_newton.losses[0]
 
-    assert [c.label for c in comparisons] == ["SOFO K=8"]
+    assert [c.label for c in comparisons] == ["SOFO plain K=8", "sofo.sofo K=8"]
+    recommended = best["sofo.sofo K=8"]
+    assert recommended.losses[-1] < 0.5 * recommended.losses[0]
     assert comparisons[0].adam_iterations <= ITERATIONS
     assert np.all(np.diff(sofo_run.seconds) >= 0)
 
@@ -66,13 +68,61 @@ def test_fgd_uses_the_engines_tangents():
     np.testing.assert_allclose(rebuilt, ravel_pytree(direction)[0], rtol=2e-3, atol=1e-6)
 
 
-def test_cli_quick_on_one_task_writes_tables_and_plots(tmp_path, capsys):
-    code = cli.main(["--quick", "--tasks", "linreg", "--iterations", "4", "--out", str(tmp_path)])
+def tiny_flipflop_sizes():
+    return dict(hidden=8, batch=4, steps=12, iterations=ITERATIONS, tangent_sizes=(6,))
+
+
+def test_seeds_choose_one_rate_per_task_and_count_blow_ups():
+    problems, methods = seeds.run_task_seeds(
+        "flipflop", quick=True, seeds=[0, 1], kinds=["adam", "sofo", "sofo_lm"], sizes=tiny_flipflop_sizes()
+    )
+    assert [p.xs.shape for p in problems] == [(12, 4, 3)] * 2
+    assert not np.array_equal(problems[0].xs, problems[1].xs)  # each seed has its own data
+    assert set(methods) == {"Adam (BPTT)", "SOFO plain K=6", "sofo.sofo K=6"}
+    adam = methods["Adam (BPTT)"]
+    assert adam.lr in adam.grid and len(adam.runs) == 2
+    for run, problem in zip(adam.runs, problems):
+        assert len(run.losses) == ITERATIONS + 1
+        np.testing.assert_allclose(run.losses[0], problem.objective(problem.params), rtol=1e-5)
+    recommended = methods["sofo.sofo K=6"]
+    for run, problem in zip(recommended.runs, problems):
+        np.testing.assert_allclose(run.losses[0], problem.objective(problem.params), rtol=1e-5)
+        assert run.losses[-1] < run.losses[0]  # sofo.sofo never accepts a step that raises the loss
+        assert np.all(np.diff(run.losses[:-1]) <= 1e-5 * run.losses[0])
+    rows = seeds.task_rows(methods)
+    assert [r["optimizer"] for r in rows] == list(methods)
+    assert all(r["blow-ups"].endswith("/2") for r in rows)
+    comparisons = seeds.compare_seeds(methods)
+    assert [c.label for c in comparisons] == ["SOFO plain K=6", "sofo.sofo K=6"]
+    for c in comparisons:
+        assert len(c.speedups()) == 2 and all(s >= 0 for s in c.speedups())
+
+
+def test_the_rate_chosen_has_the_best_median_score():
+    run = lambda final: suite.Run("t", "adam", "x", None, 1.0, np.asarray([9.0] * 9 + [final]), np.arange(10), np.ones(1), 0.0)  # noqa: E731
+    per_lr = {0.1: [run(1.0), run(9.0), run(9.0)], 0.01: [run(3.0), run(3.0), run(0.5)], 0.001: [run(2.0), run(8.0), run(2.5)]}
+    # medians of the last-10% score: 9.0, 3.0, 2.5
+    assert seeds.choose_rate(per_lr, (0.1, 0.01, 0.001)) == 0.001
+    per_lr[0.001][0] = run(np.nan)  # a diverged seed scores inf: the median is then 8.0
+    assert seeds.choose_rate(per_lr, (0.1, 0.01, 0.001)) == 0.01
+
+
+def test_blow_up_counts_runs_above_ten_times_their_initial_loss():
+    run = lambda losses: suite.Run("t", "sofo", "x", 1, 1.0, np.asarray(losses), np.arange(len(losses)), np.ones(1), 0.0)  # noqa: E731
+    method = seeds.MethodRuns("t", "sofo", "x", 1.0, (1.0,), [run([1.0, 0.5]), run([1.0, 11.0, 0.1]), run([1.0, np.nan])])
+    assert method.blow_ups() == 2
+
+
+def test_cli_quick_on_one_task_writes_tables_and_plots(tmp_path, capsys, monkeypatch):
+    original = tasks.TASKS["flipflop"]
+    monkeypatch.setitem(tasks.TASKS, "flipflop", lambda seed=0, quick=True, **kw: original(seed, quick, **tiny_flipflop_sizes()))
+    code = cli.main(["--quick", "--tasks", "flipflop", "--seeds", "2", "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
-    assert "Summary: SOFO against Adam's best loss" in out
-    assert "| linreg" in out
-    for name in ("linreg.png", "summary.png", "results.md", "results.json"):
+    assert "Summary: SOFO against tuned Adam" in out
+    assert "sofo.sofo K=6" in out and "blow-ups" in out
+    assert "10x goal" not in out
+    for name in ("flipflop.png", "summary.png", "results.md", "results.json"):
         assert (tmp_path / name).stat().st_size > 0
 
 

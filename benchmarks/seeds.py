@@ -1,0 +1,312 @@
+"""Several seeds per task: every optimizer's runs, its learning rate chosen once per task, and the
+statistics the main job reports (medians, spread, blow-ups, iterations to reach Adam's final loss).
+
+Learning rates: Adam, FGD (and SGD) are tuned on their grid; the rate chosen is the one with the lowest
+median score (mean loss over the last 10% of the run) across the seeds, the same rate for every seed.
+SOFO is not tuned: plain SOFO runs the task's fixed learning rate and damping (the paper's algorithm),
+and the recommended SOFO (`sofo.sofo`) runs its defaults on every task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.optimizers import Optimizer, optimizers_for
+from benchmarks.suite import Run, _chunk_size, first_reach
+from benchmarks.tasks import TASKS, Problem
+
+BLOW_UP = 10.0  # a run blows up when its loss ever exceeds this many times its initial loss (or is not finite)
+
+
+@dataclasses.dataclass
+class MethodRuns:
+    """One optimizer on one task: its chosen learning rate and one run per seed at that rate."""
+
+    task: str
+    kind: str
+    label: str
+    lr: float
+    grid: tuple[float, ...]
+    runs: list[Run]
+
+    def blow_ups(self) -> int:
+        count = 0
+        for run in self.runs:
+            finite = np.all(np.isfinite(run.losses))
+            if not finite or np.max(run.losses) > BLOW_UP * run.losses[0]:
+                count += 1
+        return count
+
+    def finals(self) -> np.ndarray:
+        return np.array([run.losses[-1] if np.isfinite(run.losses[-1]) else np.inf for run in self.runs])
+
+    def step_ms(self) -> float:
+        return float(np.median([run.step_ms for run in self.runs]))
+
+
+def _data(problem: Problem):
+    return (problem.z0, problem.xs, problem.ys) if problem.recurrent else None
+
+
+def _with_data(problem: Problem, data) -> Problem:
+    if data is None:
+        return problem
+    z0, xs, ys = data
+    return dataclasses.replace(problem, z0=z0, xs=xs, ys=ys)
+
+
+def _pick(problem: Problem, seed: int, label: str) -> Optimizer:
+    return next(o for o in optimizers_for(problem, seed=seed) if o.label == label)
+
+
+def train_seeds(
+    problems: list[Problem],
+    seeds: list[int],
+    label: str,
+    learning_rates: Iterable[float],
+    *,
+    iterations: int,
+    progress: Callable[[int, str], None] | None = None,
+) -> dict[float, list[Run]]:
+    """Runs optimizer `label` on each seed's problem for each learning rate; returns {lr: [run per seed]}.
+
+    For recurrent tasks the data (z0, xs, ys), the parameters and the optimizer state are arguments of
+    one compiled chunk of steps, so the task compiles once for all its seeds and learning rates; the
+    optimizer is rebuilt inside the trace on the seed's data (its seed enters through its initial state:
+    the PRNG key lives there). Timing as in `suite.train`: chunks of `lax.scan`ned steps, each timed with
+    `block_until_ready`, compile excluded.
+    """
+    chunk = _chunk_size(iterations)
+    template = problems[0]
+    kind = _pick(template, seeds[0], label).kind
+
+    def run_chunk(state, lr, data):
+        optimizer = _pick(_with_data(template, data), seeds[0], label)
+        return jax.lax.scan(lambda s, _: optimizer.step(s, lr), state, None, length=chunk)
+
+    def objective(params, data):
+        return _with_data(template, data).objective(params)
+
+    compiled, compile_s = {}, 0.0
+    results: dict[float, list[Run]] = {}
+    for seed, problem in zip(seeds, problems):
+        optimizer = _pick(problem, seed, label)
+        state0, data = optimizer.init(problem.params), _data(problem)
+        shared = problem.recurrent
+        cache_key = "shared" if shared else seed
+        if cache_key not in compiled:
+            tic = time.perf_counter()
+            if shared:
+                step = jax.jit(run_chunk).lower(state0, jnp.float32(1.0), data).compile()
+                final = jax.jit(objective).lower(problem.params, data).compile()
+            else:
+                own = lambda s, lr, _d, o=optimizer: jax.lax.scan(  # noqa: E731
+                    lambda c, _: o.step(c, lr), s, None, length=chunk
+                )
+                step = jax.jit(own).lower(state0, jnp.float32(1.0), data).compile()
+                final = jax.jit(lambda p, _d, pb=problem: pb.objective(p)).lower(problem.params, data).compile()
+            compiled[cache_key] = (step, final)
+            compile_s += time.perf_counter() - tic
+        step, final = compiled[cache_key]
+        for lr in learning_rates:
+            state, losses, seconds, chunk_ms = state0, [], [0.0], []
+            for _ in range(iterations // chunk):
+                tic = time.perf_counter()
+                state, chunk_losses = step(state, jnp.float32(lr), data)
+                chunk_losses = np.asarray(jax.block_until_ready(chunk_losses))
+                elapsed = time.perf_counter() - tic
+                losses.extend(chunk_losses.tolist())
+                seconds.extend((seconds[-1] + elapsed * np.arange(1, chunk + 1) / chunk).tolist())
+                chunk_ms.append(1e3 * elapsed / chunk)
+                if progress is not None:
+                    progress(chunk, f"{problem.name} | seed {seed} | {label} | lr={lr:g} | loss={losses[-1]:.3g}")
+            losses.append(float(final(state[0], data)))
+            results.setdefault(float(lr), []).append(
+                Run(
+                    task=problem.name, kind=kind, label=label, tangent_size=optimizer.tangent_size, lr=float(lr),
+                    losses=np.asarray(losses), seconds=np.asarray(seconds), chunk_ms=np.asarray(chunk_ms),
+                    compile_s=compile_s,
+                )
+            )
+    return results
+
+
+def choose_rate(per_lr: dict[float, list[Run]], grid: tuple[float, ...]) -> float:
+    """The learning rate whose runs have the lowest median score over the seeds (ties: first in grid)."""
+    scores = {lr: float(np.median([run.score for run in runs])) for lr, runs in per_lr.items()}
+    return min(per_lr, key=lambda rate: (scores[rate], grid.index(rate)))
+
+
+def run_task_seeds(
+    name: str,
+    *,
+    quick: bool,
+    seeds: Iterable[int],
+    iterations: int | None = None,
+    kinds: Iterable[str] | None = None,
+    progress: Callable[[int, str], None] | None = None,
+    sizes: dict[str, Any] | None = None,
+) -> tuple[list[Problem], dict[str, MethodRuns]]:
+    """Runs every optimizer of task `name` (or those of `kinds`) on each seed and its whole grid; returns
+    the problems (one per seed) and, per optimizer label, the runs at the learning rate with the best
+    median score over the seeds."""
+    seeds = list(seeds)
+    problems = [TASKS[name](seed=seed, quick=quick, **(sizes or {})) for seed in seeds]
+    template = problems[0]
+    iterations = template.iterations if iterations is None else iterations
+    chosen = {}
+    for optimizer in optimizers_for(template, seed=seeds[0]):
+        if kinds is not None and optimizer.kind not in kinds:
+            continue
+        grid = tuple(float(lr) for lr in template.learning_rates[optimizer.kind])
+        per_lr = train_seeds(problems, seeds, optimizer.label, grid, iterations=iterations, progress=progress)
+        lr = choose_rate(per_lr, grid)
+        chosen[optimizer.label] = MethodRuns(name, optimizer.kind, optimizer.label, lr, grid, per_lr[lr])
+    return problems, chosen
+
+
+def _spread(values: np.ndarray) -> str:
+    values = np.asarray(values, float)
+    if not np.all(np.isfinite(values)):
+        finite = values[np.isfinite(values)]
+        if not finite.size:
+            return "diverged on every seed"
+    return f"{_number(np.median(values))} [{_number(np.min(values))}, {_number(np.max(values))}]"
+
+
+def _number(value: float) -> str:
+    if not math.isfinite(value):
+        return "inf"
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e4 or abs(value) < 1e-3:
+        return f"{value:.2e}"
+    return f"{value:.3g}"
+
+
+@dataclasses.dataclass
+class SeedComparison:
+    """A SOFO variant against Adam on one task, seed by seed."""
+
+    task: str
+    label: str
+    adam_iterations: list[int]  # per seed: when Adam first reached its own final loss
+    sofo_iterations: list[int | None]  # per seed: when SOFO first reached Adam's final loss (None: never)
+    adam_seconds: list[float]
+    sofo_seconds: list[float | None]
+    time_ratio: float  # median ms/step SOFO / Adam
+    blow_ups: int
+
+    @property
+    def seeds(self) -> int:
+        return len(self.adam_iterations)
+
+    @property
+    def misses(self) -> int:
+        return sum(i is None for i in self.sofo_iterations)
+
+    def speedups(self) -> list[float]:
+        """Adam iterations / SOFO iterations per seed; 0 where SOFO did not reach Adam's final loss."""
+        return [0.0 if s is None else a / max(s, 1) for a, s in zip(self.adam_iterations, self.sofo_iterations)]
+
+    @property
+    def median_speedup(self) -> float:
+        return float(np.median(self.speedups()))
+
+
+def compare_seeds(methods: dict[str, MethodRuns]) -> list[SeedComparison]:
+    adam = next((m for m in methods.values() if m.kind == "adam"), None)
+    if adam is None:
+        return []
+    targets = [run.losses[-1] for run in adam.runs]
+    adam_iterations = [first_reach(run.losses, target) or len(run.losses) - 1 for run, target in zip(adam.runs, targets)]
+    result = []
+    for method in methods.values():
+        if method.kind not in ("sofo", "sofo_lm"):
+            continue
+        reached = [
+            None if not np.isfinite(target) else first_reach(run.losses, target)
+            for run, target in zip(method.runs, targets)
+        ]
+        result.append(
+            SeedComparison(
+                task=method.task,
+                label=method.label,
+                adam_iterations=adam_iterations,
+                sofo_iterations=reached,
+                adam_seconds=[float(run.seconds[i]) for run, i in zip(adam.runs, adam_iterations)],
+                sofo_seconds=[None if i is None else float(run.seconds[i]) for run, i in zip(method.runs, reached)],
+                time_ratio=method.step_ms() / adam.step_ms(),
+                blow_ups=method.blow_ups(),
+            )
+        )
+    return result
+
+
+def _per_seed(values: list) -> str:
+    return "/".join("-" if v is None else (str(v) if isinstance(v, int) else f"{v:.1f}") for v in values)
+
+
+def task_rows(methods: dict[str, MethodRuns]) -> list[dict[str, Any]]:
+    """One row per optimizer: chosen lr, final loss median [min, max], blow-ups, iterations to reach
+    Adam's final loss (median and per seed), time per step."""
+    comparisons = {c.label: c for c in compare_seeds(methods)}
+    adam = next((m for m in methods.values() if m.kind == "adam"), None)
+    targets = [] if adam is None else [run.losses[-1] for run in adam.runs]
+    rows = []
+    for method in methods.values():
+        tuned = len(method.grid) > 1
+        reached = [
+            None if not np.isfinite(t) else first_reach(run.losses, t) for run, t in zip(method.runs, targets)
+        ]
+        hits = [r for r in reached if r is not None]
+        if method.kind == "adam" or not targets:
+            reach = "-"
+        elif len(hits) * 2 > len(reached):
+            reach = f"{int(np.median([r if r is not None else 10**9 for r in reached]))} ({_per_seed(reached)})"
+        else:
+            reach = f"not reached ({_per_seed(reached)})"
+        row = {
+            "optimizer": method.label,
+            "lr": f"{method.lr:g}" + (" (tuned)" if tuned else " (fixed)"),
+            "final loss: median [min, max]": _spread(method.finals()),
+            "blow-ups": f"{method.blow_ups()}/{len(method.runs)}",
+            "iters to Adam's final loss": reach,
+            "fewer iters than Adam": (
+                f"{comparisons[method.label].median_speedup:.1f}x" if method.label in comparisons else "-"
+            ),
+            "ms/step": f"{method.step_ms():.1f}",
+        }
+        rows.append(row)
+    return rows
+
+
+def summary_rows(comparisons: list[SeedComparison], problems: dict[str, Problem]) -> list[dict[str, Any]]:
+    """The cross-task summary: for each SOFO variant and task, the median iteration ratio and the misses."""
+    rows = []
+    for c in comparisons:
+        rows.append(
+            {
+                "task": c.task,
+                "n params": problems[c.task].size,
+                "SOFO": c.label,
+                "fewer iters than Adam (median)": f"{c.median_speedup:.1f}x",
+                "per seed": "/".join("miss" if s == 0 else f"{s:.1f}x" for s in c.speedups()),
+                "blow-ups": f"{c.blow_ups}/{c.seeds}",
+                "step time SOFO/Adam": f"{c.time_ratio:.1f}x",
+                "seconds SOFO/Adam (median, reached seeds)": _seconds_ratio(c),
+            }
+        )
+    return rows
+
+
+def _seconds_ratio(c: SeedComparison) -> str:
+    ratios = [s / a for s, a in zip(c.sofo_seconds, c.adam_seconds) if s is not None and a > 0]
+    return "-" if not ratios else f"{np.median(ratios):.1f}x"
