@@ -158,6 +158,10 @@ def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config):
         raise TypeError(f"sofo.transform's update needs the current params (it evaluates the model at them): {call}.")
     if fun is None and cell is None:
         raise TypeError(f"sofo.transform's update needs the model and the loss as keyword arguments: {call}.")
+    if _holds_masked_node(params):
+        # Under optax.multi_transform / optax.masked the parameters this transform does not own arrive as
+        # optax.MaskedNode; a model that reads them fails deep inside its own code, so say what to do.
+        fun, cell = _explain_masked_node(fun, "fun"), _explain_masked_node(cell, "cell")
     if loss_fn is None:
         raise TypeError(f"sofo.transform's update needs loss_fn=: {call}.")
     for name, f in (("fun", fun), ("cell", cell), ("loss_fn", loss_fn)):
@@ -176,3 +180,54 @@ def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config):
         raise TypeError(f"with cell=, update also needs {' and '.join(m + '=' for m in missing)}: {_SCAN_CALL}.")
     engine = _engine.value_and_sofo_grad_scan(cell, loss_fn, **config)
     return lambda key: engine(key, params, z0, xs, ys)
+
+
+def unmask(params, full_params):
+    """Fills the `optax.MaskedNode` entries of `params` from `full_params`.
+
+    Under `optax.multi_transform` or `optax.masked`, `sofo.transform` receives the parameters it trains
+    and `optax.MaskedNode` in place of the others, but the model needs all of them. Close over the full
+    parameters when building the model: `fun = lambda p: model(sofo.unmask(p, params), x)`. SOFO then
+    draws tangents for, and moves, only its own parameters; the others enter the model as constants.
+    Parameters without `MaskedNode` are returned unchanged, so the same `fun` works unwrapped.
+
+    Args:
+      params: a pytree that may hold `optax.MaskedNode` in place of subtrees.
+      full_params: the full parameters; `params` is a prefix of its structure.
+
+    Returns:
+      `params` with each `optax.MaskedNode` replaced by the matching subtree of `full_params`.
+    """
+    return jax.tree_util.tree_map(
+        lambda own, full: full if isinstance(own, optax.MaskedNode) else own,
+        params,
+        full_params,
+        is_leaf=_is_masked_node,
+    )
+
+
+def _is_masked_node(x):
+    return isinstance(x, optax.MaskedNode)
+
+
+def _holds_masked_node(params):
+    return any(_is_masked_node(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=_is_masked_node))
+
+
+def _explain_masked_node(f, name):
+    """`f`, re-raising its errors with the fill-from-full-params fix (params hold optax.MaskedNode)."""
+    if f is None:
+        return None
+
+    def explained(params, *args):
+        try:
+            return f(params, *args)
+        except Exception as error:
+            raise TypeError(
+                f"{name} failed on params holding optax.MaskedNode ({type(error).__name__}: {error}). Under "
+                f"optax.multi_transform or optax.masked, sofo.transform sees optax.MaskedNode in place of the "
+                f"parameters it does not train; fill them from the full parameters inside {name}, e.g. "
+                f"fun = lambda p: model(sofo.unmask(p, params), x) with params the full parameters."
+            ) from error
+
+    return explained
