@@ -289,3 +289,41 @@ def test_inject_hyperparams_damping():
     )
     expected = engine_direction(step_keys(jax.random.key(1), 1)[0], params, x, y, tangent_size=3, damping=1e-1)
     assert_trees_close(direction, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_masked_recurrent_cell_trains_its_own_params_by_the_scan_engine_sub_problem_step():
+    rng = np.random.default_rng(7)
+    params = {
+        "rec": jnp.asarray(0.5 * rng.standard_normal((3, 3))),
+        "inp": jnp.asarray(rng.standard_normal((2, 3))),
+        "out": jnp.asarray(rng.standard_normal((3, 2))),
+    }
+    xs, ys = jnp.asarray(rng.standard_normal((5, 4, 2))), jnp.asarray(rng.standard_normal((5, 4, 2)))
+    z0 = jnp.zeros((4, 3))
+
+    def cell(p, z, x):
+        z = jnp.tanh(z @ p["rec"] + x @ p["inp"])
+        return z, z @ p["out"]
+
+    def loss_fn(y, target):
+        return 0.5 * jnp.mean(jnp.sum((y - target) ** 2, -1))
+
+    config = dict(tangent_size=4, damping=1e-3)
+    mask = {"rec": True, "inp": False, "out": True}
+    tx = optax.masked(sofo.transform(key=9, **config), mask)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    with pytest.raises(TypeError, match="cell failed on params holding optax.MaskedNode"):
+        tx.update(zeros, tx.init(params), params, cell=cell, loss_fn=loss_fn, z0=z0, xs=xs, ys=ys)
+    direction, _ = jax.jit(
+        lambda s, p: tx.update(
+            zeros, s, p, cell=lambda q, z, x: cell(sofo.unmask(q, p), z, x), loss_fn=loss_fn, z0=z0, xs=xs, ys=ys
+        )
+    )(tx.init(params), params)
+    np.testing.assert_array_equal(direction["inp"], 0.0)
+    sub_engine = sofo.value_and_sofo_grad_scan(
+        lambda q, z, x: cell({**q, "inp": params["inp"]}, z, x), loss_fn, **config
+    )
+    own = {"rec": params["rec"], "out": params["out"]}
+    expected = jax.jit(sub_engine)(step_keys(jax.random.key(9), 1)[0], own, z0, xs, ys)[1]
+    for name in own:
+        np.testing.assert_allclose(direction[name], expected[name], rtol=1e-10, atol=1e-12)
