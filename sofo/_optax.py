@@ -158,15 +158,15 @@ def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config):
         raise TypeError(f"sofo.transform's update needs the current params (it evaluates the model at them): {call}.")
     if fun is None and cell is None:
         raise TypeError(f"sofo.transform's update needs the model and the loss as keyword arguments: {call}.")
-    if _holds_masked_node(params):
-        # Under optax.multi_transform / optax.masked the parameters this transform does not own arrive as
-        # optax.MaskedNode; a model that reads them fails deep inside its own code, so say what to do.
-        fun, cell = _explain_masked_node(fun, "fun"), _explain_masked_node(cell, "cell")
     if loss_fn is None:
         raise TypeError(f"sofo.transform's update needs loss_fn=: {call}.")
     for name, f in (("fun", fun), ("cell", cell), ("loss_fn", loss_fn)):
         if f is not None and not callable(f):
             raise TypeError(f"{name} must be callable; got {type(f).__name__}: {call}.")
+    if _holds_masked_node(params):
+        # Under optax.multi_transform / optax.masked the parameters this transform does not own arrive as
+        # optax.MaskedNode; a model that reads them fails deep inside its own code, so say what to do.
+        fun, cell = _explain_masked_node(fun, "fun"), _explain_masked_node(cell, "cell")
     if cell is None:
         stray = [name for name, v in (("z0", z0), ("xs", xs), ("ys", ys)) if v is not None]
         if stray:
@@ -214,6 +214,12 @@ def _holds_masked_node(params):
     return any(_is_masked_node(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=_is_masked_node))
 
 
+_UNMASK_EXAMPLE = {
+    "fun": "fun = lambda p: model(sofo.unmask(p, params), x)",
+    "cell": "cell = lambda p, z, x: rnn_cell(sofo.unmask(p, params), z, x)",
+}
+
+
 def _explain_masked_node(f, name):
     """`f`, re-raising its errors with the fill-from-full-params fix (params hold optax.MaskedNode)."""
     if f is None:
@@ -227,7 +233,7 @@ def _explain_masked_node(f, name):
                 f"{name} failed on params holding optax.MaskedNode ({type(error).__name__}: {error}). Under "
                 f"optax.multi_transform or optax.masked, sofo.transform sees optax.MaskedNode in place of the "
                 f"parameters it does not train; fill them from the full parameters inside {name}, e.g. "
-                f"fun = lambda p: model(sofo.unmask(p, params), x) with params the full parameters."
+                f"{_UNMASK_EXAMPLE[name]} with params the full parameters."
             ) from error
 
     return explained
