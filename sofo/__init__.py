@@ -7,7 +7,7 @@ Gauss-Newton steps in a random K-dimensional subspace, computed with forward-mod
 from sofo._engine import SofoInfo, value_and_sofo_grad, value_and_sofo_grad_scan
 from sofo import transforms
 from sofo.transforms import State, sofo_grad
-from sofo._optax import SofoState, transform
+from sofo._optax import SofoState, transform, unmask
 from sofo._adaptive import AdaptiveDamping, predicted_reduction
 from sofo._alias import sofo
 
@@ -23,6 +23,7 @@ __all__ = [
     "transform",
     "sofo_grad",
     "transforms",
+    "unmask",
     "value_and_sofo_grad",
     "value_and_sofo_grad_scan",
 ]

@@ -51,7 +51,8 @@ def check_adaptive(adaptive: Any) -> AdaptiveDamping | None:
     if not isinstance(adaptive, AdaptiveDamping):
         raise TypeError(
             f"adaptive_damping must be True, False or a sofo.AdaptiveDamping(...); got {type(adaptive).__name__}. "
-            f"Pass e.g. adaptive_damping=sofo.AdaptiveDamping(increase=2.0)."
+            f"Pass e.g. adaptive_damping=sofo.AdaptiveDamping(increase=2.0) (under optax.inject_hyperparams, "
+            f"list adaptive_damping in static_args)."
         )
     for name in AdaptiveDamping._fields:
         value = getattr(adaptive, name)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sofo import _adaptive, _checks, _engine, _tangents
@@ -126,7 +127,8 @@ def transform(
     if isinstance(memory_size, bool) or not isinstance(memory_size, int) or not 0 <= memory_size <= tangent_size:
         raise ValueError(
             f"memory_size must be an int between 0 and tangent_size={tangent_size} (past directions that "
-            f"replace that many random tangents); got {memory_size!r}. Pass e.g. memory_size=1."
+            f"replace that many random tangents); got {memory_size!r}. Pass e.g. memory_size=1 (under "
+            f"optax.inject_hyperparams, list it in static_args: it sets the state's shape)."
         )
     key = _checks.as_key(key)
     config = dict(
@@ -214,6 +216,10 @@ def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config):
     for name, f in (("fun", fun), ("cell", cell), ("loss_fn", loss_fn)):
         if f is not None and not callable(f):
             raise TypeError(f"{name} must be callable; got {type(f).__name__}: {call}.")
+    if _holds_masked_node(params):
+        # Under optax.multi_transform / optax.masked the parameters this transform does not own arrive as
+        # optax.MaskedNode; a model that reads them fails deep inside its own code, so say what to do.
+        fun, cell = _explain_masked_node(fun, "fun"), _explain_masked_node(cell, "cell")
     if cell is None:
         stray = [name for name, v in (("z0", z0), ("xs", xs), ("ys", ys)) if v is not None]
         if stray:
@@ -247,12 +253,78 @@ def _rollout_loss(cell, loss_fn, params, z0, xs, ys):
 
 
 def _check_step_size(step_size: Any) -> None:
+    """A positive float, a float jax scalar (e.g. from optax.inject_hyperparams; checked when concrete) or
+    a schedule."""
     if callable(step_size):
         return
-    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real) or not (
-        math.isfinite(float(step_size)) and float(step_size) > 0
-    ):
-        raise ValueError(
-            f"step_size must be a positive float or an optax schedule (the learning rate applied after this "
-            f"transform); got {step_size!r}. Pass the same value as the chain's learning rate."
-        )
+    message = (
+        f"step_size must be a positive float or an optax schedule (the learning rate applied after this "
+        f"transform); got {step_size!r}. Pass the same value as the chain's learning rate."
+    )
+    if isinstance(step_size, (bool, np.bool_)):
+        raise ValueError(message)
+    if not isinstance(step_size, numbers.Real):
+        dtype = getattr(step_size, "dtype", None)
+        if dtype is None or jnp.shape(step_size) != () or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(message)
+        if isinstance(step_size, jax.core.Tracer):
+            return
+    if not (math.isfinite(float(step_size)) and float(step_size) > 0):
+        raise ValueError(message)
+
+
+def unmask(params, full_params):
+    """Fills the `optax.MaskedNode` entries of `params` from `full_params`.
+
+    Under `optax.multi_transform` or `optax.masked`, `sofo.transform` receives the parameters it trains
+    and `optax.MaskedNode` in place of the others, but the model needs all of them. Close over the full
+    parameters when building the model: `fun = lambda p: model(sofo.unmask(p, params), x)`. SOFO then
+    draws tangents for, and moves, only its own parameters; the others enter the model as constants.
+    Parameters without `MaskedNode` are returned unchanged, so the same `fun` works unwrapped.
+
+    Args:
+      params: a pytree that may hold `optax.MaskedNode` in place of subtrees.
+      full_params: the full parameters; `params` is a prefix of its structure.
+
+    Returns:
+      `params` with each `optax.MaskedNode` replaced by the matching subtree of `full_params`.
+    """
+    return jax.tree_util.tree_map(
+        lambda own, full: full if isinstance(own, optax.MaskedNode) else own,
+        params,
+        full_params,
+        is_leaf=_is_masked_node,
+    )
+
+
+def _is_masked_node(x):
+    return isinstance(x, optax.MaskedNode)
+
+
+def _holds_masked_node(params):
+    return any(_is_masked_node(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=_is_masked_node))
+
+
+_UNMASK_EXAMPLE = {
+    "fun": "fun = lambda p: model(sofo.unmask(p, params), x)",
+    "cell": "cell = lambda p, z, x: rnn_cell(sofo.unmask(p, params), z, x)",
+}
+
+
+def _explain_masked_node(f, name):
+    """`f`, re-raising its errors with the fill-from-full-params fix (params hold optax.MaskedNode)."""
+    if f is None:
+        return None
+
+    def explained(params, *args):
+        try:
+            return f(params, *args)
+        except Exception as error:
+            raise TypeError(
+                f"{name} failed on params holding optax.MaskedNode ({type(error).__name__}: {error}). Under "
+                f"optax.multi_transform or optax.masked, sofo.transform sees optax.MaskedNode in place of the "
+                f"parameters it does not train; fill them from the full parameters inside {name}, e.g. "
+                f"{_UNMASK_EXAMPLE[name]} with params the full parameters."
+            ) from error
+
+    return explained
