@@ -384,7 +384,7 @@ for T in (TIME, 4 * TIME):
 * `python -m benchmarks --quick` compares plain SOFO and `sofo.sofo` with tuned Adam (BPTT) and forward
   gradient descent on three RNN tasks over several seeds; `benchmarks.ipynb` runs the same job here.
 * `sofo.sofo(tangent_size=K)` is the configuration to start from: learning rate 1, damping adapted every
-  step (Levenberg-Marquardt) and one remembered direction, with no per-task tuning. `tangent_size` trades
+  step (Levenberg-Marquardt) and up to four remembered directions, with no per-task tuning. `tangent_size` trades
   cost per step for progress per step.
 """
     ),

@@ -8,9 +8,15 @@ import optax
 
 from sofo import _adaptive, _optax
 
-# The recommended configuration: Levenberg-Marquardt damping from DEFAULT_DAMPING, one remembered direction.
+# The recommended configuration: Levenberg-Marquardt damping from DEFAULT_DAMPING, and up to
+# DEFAULT_MEMORY_SIZE remembered directions (at most a quarter of the tangents).
 DEFAULT_DAMPING = 1e-2
-DEFAULT_MEMORY_SIZE = 1
+DEFAULT_MEMORY_SIZE = 4
+
+
+def default_memory_size(tangent_size: int) -> int:
+    """min(4, K // 4): memory helps, but most of the K tangents stay random (fresh directions)."""
+    return min(DEFAULT_MEMORY_SIZE, tangent_size // 4) if isinstance(tangent_size, int) else 0
 
 
 def sofo(
@@ -22,7 +28,7 @@ def sofo(
     sampler: str = "balanced",
     damping: float = DEFAULT_DAMPING,
     adaptive_damping: bool | _adaptive.AdaptiveDamping = True,
-    memory_size: int = DEFAULT_MEMORY_SIZE,
+    memory_size: int | None = None,
     tangent_chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOFO with adaptive (Levenberg-Marquardt) damping and subspace memory, as an optax optimiser.
@@ -32,7 +38,8 @@ def sofo(
     optax.scale_by_learning_rate(learning_rate))`, so the Levenberg-Marquardt ratio is computed for the step
     actually taken. The defaults are the configuration recommended without per-task tuning: a full
     Gauss-Newton step (learning_rate 1), damping that starts at 1e-2 of the top curvature eigenvalue and
-    adapts every step, the last update direction kept as one of the K tangents, and "balanced" tangents.
+    adapts every step, the last 4 update directions kept as 4 of the K tangents (at most K // 4), and
+    "balanced" tangents.
 
     Use: `opt_state = opt.init(params)`, then per step
     `updates, opt_state = opt.update(None, opt_state, params, fun=fun, loss_fn=loss_fn)` for
@@ -54,7 +61,8 @@ def sofo(
       damping: the initial relative damping.
       adaptive_damping: True (the default `sofo.AdaptiveDamping()` schedule), a `sofo.AdaptiveDamping`,
         or False for fixed damping (then nothing is re-evaluated and every step is applied).
-      memory_size: how many past update directions replace random tangents (0 for none).
+      memory_size: how many past update directions replace random tangents (0 for none); None (default)
+        for min(4, tangent_size // 4).
       tangent_chunk_size: push the tangents through the model this many at a time to bound memory.
 
     Returns:
@@ -66,6 +74,8 @@ def sofo(
       networks for neuroscience", NeurIPS 2024; More, "The Levenberg-Marquardt algorithm: implementation and
       theory", 1978.
     """
+    if memory_size is None:
+        memory_size = default_memory_size(tangent_size)
     return optax.chain(
         _optax.transform(
             tangent_size=tangent_size,
