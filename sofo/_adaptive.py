@@ -110,6 +110,21 @@ def next_damping_fn(damping: jax.Array, ratio: jax.Array, accepted: jax.Array, c
     return jnp.clip(damping, config.min_damping, config.max_damping)
 
 
+def rollout_loss(cell, loss_fn, params, z0, xs, ys):
+    """sum_t loss_fn(y_t, ys[t]) along one rollout without tangents (adaptive damping's extra pass)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32) if leaves else jnp.float32
+
+    def step(carry, inputs):
+        z, total = carry
+        x, target = inputs
+        z, y = cell(params, z, x)
+        return (z, total + jnp.asarray(loss_fn(y, target), dtype)), None
+
+    (_, total), _ = jax.lax.scan(step, (z0, jnp.zeros((), dtype)), (xs, ys))
+    return total
+
+
 def all_finite(tree: Any) -> jax.Array:
     """True when every number in the pytree is finite."""
     leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]

@@ -123,7 +123,7 @@ def transform(
     _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
     _checks.check_chunk_size(tangent_chunk_size)
     adaptive = _adaptive.check_adaptive(adaptive_damping)
-    _check_step_size(step_size)
+    check_step_size(step_size)
     if isinstance(memory_size, bool) or not isinstance(memory_size, int) or not 0 <= memory_size <= tangent_size:
         raise ValueError(
             f"memory_size must be an int between 0 and tangent_size={tangent_size} (past directions that "
@@ -234,25 +234,10 @@ def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config):
         raise TypeError(f"with cell=, update also needs {' and '.join(m + '=' for m in missing)}: {_SCAN_CALL}.")
     engine = _engine.value_and_sofo_grad_scan(cell, loss_fn, **config)
     step = lambda key, damping, memory: engine(key, params, z0, xs, ys, damping=damping, memory=memory)  # noqa: E731
-    return step, lambda candidate: _rollout_loss(cell, loss_fn, candidate, z0, xs, ys)
+    return step, lambda candidate: _adaptive.rollout_loss(cell, loss_fn, candidate, z0, xs, ys)
 
 
-def _rollout_loss(cell, loss_fn, params, z0, xs, ys):
-    """sum_t loss_fn(y_t, ys[t]) along one rollout without tangents (adaptive damping's extra pass)."""
-
-    dtype = _tangents.compute_dtype(params)
-
-    def step(carry, inputs):
-        z, total = carry
-        x, target = inputs
-        z, y = cell(params, z, x)
-        return (z, total + jnp.asarray(loss_fn(y, target), dtype)), None
-
-    (_, total), _ = jax.lax.scan(step, (z0, jnp.zeros((), dtype)), (xs, ys))
-    return total
-
-
-def _check_step_size(step_size: Any) -> None:
+def check_step_size(step_size: Any) -> None:
     """A positive float, a float jax scalar (e.g. from optax.inject_hyperparams; checked when concrete) or
     a schedule."""
     if callable(step_size):

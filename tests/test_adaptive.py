@@ -416,3 +416,76 @@ def test_layerwise_directional_derivatives_and_full_rank_limit():
     else:  # rank-deficient G: compare the predicted decrease instead (the minimum of the quadratic model)
         expected = 0.5 * grad @ jnp.linalg.lstsq(ggn, grad)[0]
         np.testing.assert_allclose(sofo.predicted_reduction(info, 1.0), expected, rtol=1e-4)
+
+
+# --- the brainstate-style front ---------------------------------------------------------------------
+
+
+def test_sofo_grad_adaptive_matches_dense_and_updates_damping_by_hand():
+    fun, loss_fn, params = least_squares(6, rows=10, cols=4)
+    w = sofo.State(params["w"])
+    model = lambda: fun({"w": w.value})  # noqa: E731
+    n = params["w"].size
+    grad_fn = sofo.sofo_grad(
+        model, loss_fn, grad_states=w, tangent_size=n, damping=1e-3, sampler="orthonormal", key=2,
+        adaptive_damping=True, step_size=0.5,
+    )
+    direction = grad_fn()
+    grad, ggn, unravel = dense_quantities(fun, loss_fn, params)
+    top = jnp.linalg.eigvalsh(ggn)[-1]
+    expected = jnp.linalg.solve(ggn + 1e-3 * top * jnp.eye(n), grad)
+    np.testing.assert_allclose(direction.ravel(), expected, rtol=1e-8)
+    # rho by hand: linear least squares, so the quadratic model is exact: rho = 1 > 3/4, damping / 3.
+    before, after = loss_fn(fun(params)), loss_fn(fun({"w": params["w"] - 0.5 * direction}))
+    predicted = 0.5 * grad @ expected - 0.125 * expected @ ggn @ expected
+    np.testing.assert_allclose(grad_fn.adaptive.ratio, (before - after) / predicted, rtol=1e-8)
+    assert grad_fn.adaptive.accepted
+    np.testing.assert_allclose(grad_fn.adaptive.damping, 1e-3 / 3, rtol=1e-12)
+    np.testing.assert_array_equal(w.value, params["w"])  # the transform returns a direction; it moves nothing
+
+
+def test_sofo_grad_adaptive_rejects_a_step_that_raises_the_loss():
+    fun, loss_fn, params = least_squares(7, rows=10, cols=4)
+    w = sofo.State(params["w"])
+    grad_fn = sofo.sofo_grad(
+        lambda: fun({"w": w.value}), loss_fn, grad_states=w, tangent_size=4, sampler="orthonormal", key=1,
+        damping=1e-3, adaptive_damping=True, step_size=25.0,
+    )
+    direction = grad_fn()
+    assert not grad_fn.adaptive.accepted
+    assert np.all(np.asarray(direction) == 0)
+    np.testing.assert_allclose(grad_fn.adaptive.damping, 3e-3, rtol=1e-12)
+
+
+def test_sofo_grad_adaptive_refuses_jit_and_bad_options():
+    fun, loss_fn, params = least_squares(8)
+    grad_fn = sofo.sofo_grad(lambda p: fun({"w": p}), loss_fn, argnums=0, tangent_size=3, key=0,
+                             adaptive_damping=True)
+    with pytest.raises(TypeError, match="must be called eagerly"):
+        jax.jit(grad_fn)(params["w"])
+    with pytest.raises(ValueError, match="memory_size must be an int"):
+        sofo.sofo_grad(lambda p: p, loss_fn, argnums=0, tangent_size=3, memory_size=5)
+    with pytest.raises(ValueError, match="step_size must be a positive float"):
+        sofo.sofo_grad(lambda p: p, loss_fn, argnums=0, tangent_size=3, adaptive_damping=True, step_size=-1.0)
+
+
+def test_sofo_grad_scan_adaptive_with_memory_trains_a_cell_eagerly():
+    cell, step_loss, params, z0, xs, ys = rnn_problem(2)
+    states = {name: sofo.State(value) for name, value in params.items()}
+
+    def state_cell(z, x):
+        return cell({name: s.value for name, s in states.items()}, z, x)
+
+    grad_fn = sofo.transforms.sofo_grad_scan(
+        state_cell, step_loss, grad_states=states, tangent_size=10, damping=1e-2, key=None,
+        adaptive_damping=True, memory_size=2, return_value=True,
+    )
+    losses = []
+    for _ in range(12):
+        direction, value = grad_fn(z0, xs, ys)
+        losses.append(float(value))
+        for name, s in states.items():
+            s.value = s.value - direction[name]
+    assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))  # rejected steps never raise the loss
+    assert losses[-1] < 0.7 * losses[0]
+    assert grad_fn.adaptive.memory is not None

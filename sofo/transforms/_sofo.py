@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sofo import _checks, _engine
+from sofo import _adaptive, _checks, _engine, _optax
 from sofo.transforms import _keys, _wrapper
 from sofo.transforms._wrapper import MISSING, Record, Spec
 
@@ -76,6 +76,65 @@ def _step_key(transform: str, fixed_key: Any) -> jax.Array:
     return fixed_key if fixed_key is not None else _keys.next_key(transform)
 
 
+class AdaptiveState:
+    """Levenberg-Marquardt damping and memory kept between the calls of a transformed function.
+
+    Attributes (after each call):
+      damping: the damping the next call will use.
+      ratio: the last reduction ratio rho = actual / predicted reduction (None before any call).
+      accepted: whether the last direction was returned (False: it was rejected, zeros were returned).
+      memory: the stored directions (in the engine's parameter layout), or None.
+    """
+
+    def __init__(self, transform, adaptive_damping, step_size, memory_size, damping, tangent_size):
+        self.config = _adaptive.check_adaptive(adaptive_damping)
+        _optax.check_step_size(step_size)
+        if callable(step_size):
+            raise ValueError(f"{transform}: step_size must be a positive float here (no step count is kept).")
+        if isinstance(memory_size, bool) or not isinstance(memory_size, int) or not 0 <= memory_size <= tangent_size:
+            raise ValueError(
+                f"{transform}: memory_size must be an int between 0 and tangent_size={tangent_size}; got "
+                f"{memory_size!r}."
+            )
+        self.transform = transform
+        self.step_size = float(step_size)
+        self.memory_size = memory_size
+        self.damping = damping
+        self.ratio = None
+        self.accepted = None
+        self.memory = None
+
+    @property
+    def active(self) -> bool:
+        return self.config is not None or self.memory_size > 0
+
+    def step(self, engine_call, evaluate, params):
+        """`engine_call(damping, memory)`; returns (value, direction) and keeps the new state."""
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(params)):
+            raise TypeError(
+                f"{self.transform}(adaptive_damping=..., memory_size=...) keeps its damping and memory between "
+                f"calls, so it must be called eagerly, not under jax.jit or another trace. Under jit use "
+                f"sofo.sofo(...) or sofo.transform(adaptive_damping=True, ...), whose state is explicit."
+            )
+        if self.memory is None and self.memory_size:
+            self.memory = _adaptive.init_memory(params, self.memory_size)
+        dtype = _tangents_dtype(params)
+        result = _adaptive.adaptive_step(
+            engine_call, evaluate, params, self.damping, self.memory, self.step_size, self.config, dtype
+        )
+        self.damping = float(result.damping)
+        self.ratio = float(result.ratio) if self.config is not None else None
+        self.accepted = bool(result.accepted)
+        self.memory = result.memory
+        return result.value, result.direction
+
+
+def _tangents_dtype(params):
+    from sofo import _tangents
+
+    return _tangents.compute_dtype(params)
+
+
 def sofo_grad(
     fun: Callable[..., Any],
     loss_fn: Callable[[Any], jax.Array],
@@ -91,6 +150,9 @@ def sofo_grad(
     sampler: str = "normal",
     tangent_chunk_size: int | None = None,
     *,
+    adaptive_damping: Any = False,
+    step_size: float = 1.0,
+    memory_size: int = 0,
     grad_vars: Any = MISSING,
     dyn_vars: Any = MISSING,
     reduce_axes: Any = (),
@@ -108,6 +170,13 @@ def sofo_grad(
         (build the transform per step with a fresh key, e.g. inside a jitted step). With None, each call
         draws the next key of sofo's own sequence (seed it with `sofo.transforms.seed(n)`); that needs
         concrete execution, so under jax.jit pass key=.
+      adaptive_damping, step_size, memory_size: Levenberg-Marquardt damping and subspace memory as in
+        `sofo.transform` (`damping` is then the initial value, and `step_size` must be the learning rate
+        you apply: `value - step_size * direction`). Each call also evaluates the loss at
+        `params - step_size * direction`; a step that would raise the loss (or is not finite) is rejected
+        and a zero direction returned. The damping and memory live on the returned function, as
+        `fn.adaptive` (an `AdaptiveState`: `damping`, `ratio`, `accepted`), between eager calls; under
+        jax.jit use `sofo.sofo`, whose state is explicit.
 
     Returns:
       A function with `fun`'s arguments returning the direction in the layout of `grad`'s return table
@@ -132,6 +201,7 @@ def sofo_grad(
     engine_options = dict(
         tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
     )
+    adaptive = AdaptiveState("sofo_grad", adaptive_damping, step_size, memory_size, damping, tangent_size)
 
     @functools.wraps(fun)
     def transformed(*args, **kwargs):
@@ -147,7 +217,13 @@ def sofo_grad(
             return spec.call(p, args, kwargs, Record())[0]
 
         engine = _engine.value_and_sofo_grad(model, loss_fn, **engine_options)
-        value, direction, _ = engine(_step_key("sofo_grad", fixed_key), params)
+        step_key = _step_key("sofo_grad", fixed_key)
+        if adaptive.active:
+            value, direction = adaptive.step(
+                lambda d, m: engine(step_key, params, damping=d, memory=m), lambda p: loss_fn(model(p)), params
+            )
+        else:
+            value, direction, _ = engine(step_key, params)
         direction = _fill_unread(spec, direction, values, unread)
         aux = None
         if spec.has_aux or record.written:
@@ -157,6 +233,7 @@ def sofo_grad(
             _wrapper.write_back(spec, primal.written, written_values)
         return spec.assemble(direction, value, aux)
 
+    transformed.adaptive = adaptive
     return transformed
 
 
@@ -187,6 +264,9 @@ def sofo_grad_scan(
     sampler: str = "normal",
     tangent_chunk_size: int | None = None,
     *,
+    adaptive_damping: Any = False,
+    step_size: float = 1.0,
+    memory_size: int = 0,
     grad_vars: Any = MISSING,
     dyn_vars: Any = MISSING,
     reduce_axes: Any = (),
@@ -203,8 +283,9 @@ def sofo_grad_scan(
       cell: `cell(*cell_args, z, x) -> (z_new, y)`, or `((z_new, y), aux)` with has_aux; it may read its
         parameters from States but must not write States (carry such values in `z`).
       loss_fn: `loss_fn(y_t, ys_t) -> scalar`; the total loss is its sum over time.
-      grad_states, argnums, has_aux, return_value, check_states, key, grad_vars, dyn_vars, reduce_axes:
-        as in `sofo_grad`. With has_aux the per-step aux is returned stacked over time, as `lax.scan`
+      grad_states, argnums, has_aux, return_value, check_states, key, adaptive_damping, step_size,
+        memory_size, grad_vars, dyn_vars, reduce_axes: as in `sofo_grad` (with adaptive damping the extra
+        evaluation is one rollout of the cell without tangents). With has_aux the per-step aux is returned stacked over time, as `lax.scan`
         stacks it (the cell is scanned once more, primal only, to produce it).
       loss, tangent_size, damping, sampler, tangent_chunk_size: as in `sofo.value_and_sofo_grad_scan`.
 
@@ -237,6 +318,7 @@ def sofo_grad_scan(
     engine_options = dict(
         tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
     )
+    adaptive = AdaptiveState(transform, adaptive_damping, step_size, memory_size, damping, tangent_size)
 
     @functools.wraps(cell)
     def transformed(*args, **kwargs):
@@ -265,7 +347,15 @@ def sofo_grad_scan(
             return spec.call(p, cell_args + (z, x), kwargs, Record())[0]
 
         engine = _engine.value_and_sofo_grad_scan(engine_cell, loss_fn, **engine_options)
-        value, direction, _ = engine(_step_key(transform, fixed_key), params, z0, xs, ys)
+        step_key = _step_key(transform, fixed_key)
+        if adaptive.active:
+            value, direction = adaptive.step(
+                lambda d, m: engine(step_key, params, z0, xs, ys, damping=d, memory=m),
+                lambda p: _adaptive.rollout_loss(engine_cell, loss_fn, p, z0, xs, ys),
+                params,
+            )
+        else:
+            value, direction, _ = engine(step_key, params, z0, xs, ys)
         direction = _fill_unread(spec, direction, values, unread)
         aux = None
         if spec.has_aux:
@@ -277,4 +367,5 @@ def sofo_grad_scan(
             _, aux = jax.lax.scan(primal_step, z0, xs)
         return spec.assemble(direction, value, aux)
 
+    transformed.adaptive = adaptive
     return transformed
