@@ -489,3 +489,34 @@ def test_sofo_grad_scan_adaptive_with_memory_trains_a_cell_eagerly():
     assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))  # rejected steps never raise the loss
     assert losses[-1] < 0.7 * losses[0]
     assert grad_fn.adaptive.memory is not None
+
+
+# --- sofo.sofo inside optax wrappers ----------------------------------------------------------------
+
+
+def test_sofo_alias_under_masked_moves_only_its_params_and_never_raises_the_loss():
+    fun, loss_fn, params = small_mlp(9)
+    mask = {"w1": False, "w2": True}
+    opt = optax.masked(sofo.sofo(tangent_size=6, key=3), mask)
+    state = opt.init(params)
+    p = params
+    losses = [loss_fn(fun(p))]
+    for _ in range(5):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, p)
+        full = p
+        updates, state = opt.update(zeros, state, p, fun=lambda q: fun(sofo.unmask(q, full)), loss_fn=loss_fn)
+        p = optax.apply_updates(p, updates)
+        losses.append(loss_fn(fun(p)))
+    np.testing.assert_array_equal(p["w1"], params["w1"])
+    assert not np.allclose(p["w2"], params["w2"])
+    assert all(b <= a for a, b in zip(losses, losses[1:]))
+
+
+def test_sofo_alias_with_injected_learning_rate_matches_the_fixed_one():
+    fun, loss_fn, params = small_mlp(10)
+    static = ("tangent_size", "loss", "key", "sampler", "adaptive_damping", "memory_size", "tangent_chunk_size")
+    injected = optax.inject_hyperparams(sofo.sofo, static_args=static)(learning_rate=0.5, tangent_size=5, key=2)
+    fixed = sofo.sofo(0.5, tangent_size=5, key=2)
+    u_inj, _ = injected.update(None, injected.init(params), params, fun=fun, loss_fn=loss_fn)
+    u_fix, _ = fixed.update(None, fixed.init(params), params, fun=fun, loss_fn=loss_fn)
+    np.testing.assert_allclose(flat(u_inj), flat(u_fix), rtol=1e-10)
