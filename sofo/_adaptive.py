@@ -197,6 +197,8 @@ def adaptive_step(step, evaluate, params, damping, memory, step_size, config: Ad
         next_damping = next_damping_fn(next_damping, ratio, accepted, config).astype(dtype)
         direction = jax.tree_util.tree_map(lambda h: jnp.where(accepted, h, jnp.zeros_like(h)), direction)
     if memory is not None:
+        # Without adaptive damping every step is applied, but a non-finite one must not poison the memory.
+        keep = accepted & all_finite(direction)
         pushed = push_memory(memory, direction)
-        memory = jax.tree_util.tree_map(lambda new, old: jnp.where(accepted, new, old), pushed, memory)
+        memory = jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old), pushed, memory)
     return StepResult(value, direction, info, next_damping, ratio, accepted, memory)
