@@ -11,20 +11,26 @@ import jax.numpy as jnp
 def damped_solve(curvature: jax.Array, directional_derivatives: jax.Array, damping: float):
     """Solves (G + damping * max_eig(G) * I) c = g for a symmetric PSD-ish K x K sketch G.
 
-    G = U S U^T by `eigh` (G is symmetric: no SVD). Negative eigenvalues (round-off, or true negative
-    curvature from loss='exact') are clipped to zero before damping. When G has no positive eigenvalue,
-    the damping is taken relative to 1 instead, so a zero sketch gives c = g / damping (finite). Eigenvalues
-    that are still below float resolution (only possible with damping=0) are dropped, as a pseudo-inverse.
+    G = U S U^T by `eigh` (G is symmetric: no SVD). Eigenvalues below a round-off tolerance relative to
+    the sketch's size, tol = K * eps * max|eig|, count as zero, and negative ones (true negative curvature
+    from loss='exact') are clipped to zero, before damping. When no eigenvalue is meaningfully positive
+    (a zero, concave or round-off-only sketch), the damping is taken relative to 1 instead, so the step is
+    c = g / damping on those directions: bounded by |g| / damping, whatever the sign of the round-off.
+    With damping=0, eigenvalues that are still zero are dropped, as a pseudo-inverse. `damping` may be a
+    traced scalar.
 
     Returns:
-      (coefficients c, top eigenvalue of G).
+      (coefficients c, top eigenvalue of G, as computed).
     """
     dtype = curvature.dtype
     curvature = 0.5 * (curvature + curvature.T)
     eigenvalues, eigenvectors = jnp.linalg.eigh(curvature)
     top = eigenvalues[-1]
-    scale = jnp.where(top > 0, top, jnp.ones((), dtype))
-    damped = jnp.maximum(eigenvalues, 0) + damping * scale
+    size = jnp.max(jnp.abs(eigenvalues))
+    tolerance = curvature.shape[0] * jnp.finfo(dtype).eps * size
+    meaningful = eigenvalues > tolerance
+    scale = jnp.where(top > tolerance, top, jnp.ones((), dtype))
+    damped = jnp.where(meaningful, eigenvalues, 0) + damping * scale
     keep = damped > jnp.finfo(dtype).eps * scale
     inverse = jnp.where(keep, 1 / jnp.where(keep, damped, 1), 0)
     coefficients = eigenvectors @ (inverse * (eigenvectors.T @ directional_derivatives.astype(dtype)))
