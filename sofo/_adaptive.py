@@ -23,7 +23,9 @@ class AdaptiveDamping(NamedTuple):
     After each step, with rho = actual reduction / predicted reduction on the same batch:
     a rejected step (the loss went up, or a non-finite loss or direction) or rho < `lower_ratio`
     multiplies the damping by `increase`; rho > `upper_ratio` divides it by `decrease`; otherwise it
-    stays. It is then clipped to [`min_damping`, `max_damping`].
+    stays. It is then clipped to [`min_damping`, `max_damping`], and never goes below K * eps of the
+    computation dtype (K the number of tangents; 3.8e-6 for K=32 in float32): below that the K x K
+    sketch's small eigenvalues, and the step along them, are round-off.
 
     Attributes:
       min_damping: the smallest damping (relative to the top curvature eigenvalue).
@@ -194,7 +196,11 @@ def adaptive_step(step, evaluate, params, damping, memory, step_size, config: Ad
         accepted = finite & (new_value <= value)
         ratio = reduction_ratio(value, new_value, predicted_reduction(info, step_size))
         ratio = jnp.where(finite, ratio, 0.0).astype(dtype)
-        next_damping = next_damping_fn(next_damping, ratio, accepted, config).astype(dtype)
+        next_damping = next_damping_fn(next_damping, ratio, accepted, config)
+        # Below about K * eps (relative to the top eigenvalue) the K x K sketch's small eigenvalues are
+        # round-off, and so is the step along them: in float32 the damping must not go lower.
+        resolution = info.coefficients.shape[0] * float(jnp.finfo(info.coefficients.dtype).eps)
+        next_damping = jnp.maximum(next_damping, resolution).astype(dtype)
         direction = jax.tree_util.tree_map(lambda h: jnp.where(accepted, h, jnp.zeros_like(h)), direction)
     if memory is not None:
         # Without adaptive damping every step is applied, but a non-finite one must not poison the memory.

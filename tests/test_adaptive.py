@@ -520,3 +520,24 @@ def test_sofo_alias_with_injected_learning_rate_matches_the_fixed_one():
     u_inj, _ = injected.update(None, injected.init(params), params, fun=fun, loss_fn=loss_fn)
     u_fix, _ = fixed.update(None, fixed.init(params), params, fun=fun, loss_fn=loss_fn)
     np.testing.assert_allclose(flat(u_inj), flat(u_fix), rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_damping_floor_is_the_sketch_resolution(dtype):
+    """On least squares every step is very good (rho = 1), so the damping falls to its floor: the larger of
+    min_damping and K * eps of the dtype (below it the K x K solve is round-off)."""
+    fun, loss_fn, params = least_squares(9)
+    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+    k = 4
+    opt = sofo.sofo(tangent_size=k, damping=1e-3, key=1, memory_size=0)
+    state, p = opt.init(params), params
+    cast_fun = lambda q: fun(q).astype(dtype)  # noqa: E731
+    dampings = []
+    for _ in range(30):
+        updates, state = opt.update(None, state, p, fun=cast_fun, loss_fn=loss_fn)
+        p = optax.apply_updates(p, updates)
+        dampings.append(float(state[0].damping))
+    # (Once converged to round-off, steps stop paying off and the damping rises again: only its minimum
+    # is pinned here.)
+    floor = max(1e-8, k * float(jnp.finfo(dtype).eps))
+    np.testing.assert_allclose(min(dampings), floor, rtol=1e-5)
