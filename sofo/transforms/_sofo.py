@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sofo import _checks, _engine
-from sofo.transforms import _keys, _wrapper
+from sofo.transforms import _keys, _state, _wrapper
 from sofo.transforms._wrapper import MISSING, Record, Spec
 
 
@@ -252,7 +252,7 @@ def sofo_grad_scan(
         diff = spec.pack(values, cell_args)
         record = spec.discover(diff, cell_args + (z0, _first_step(transform, xs)), kwargs)
         if record.written:
-            names = ", ".join(s.describe() for s in record.written)
+            names = ", ".join(_state.describe(s) for s in record.written)
             raise ValueError(
                 f"{transform}: {_wrapper.fun_name(cell)} writes {names}; a scanned cell cannot write States "
                 f"(each step's value would be a tracer). Carry that value in the latent z instead."
