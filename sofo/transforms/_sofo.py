@@ -72,10 +72,6 @@ def _fill_unread(spec: Spec, direction: Any, values: list, unread: set) -> Any:
     return spec.pack(filled, arg_values)
 
 
-def _step_key(transform: str, fixed_key: Any) -> jax.Array:
-    return fixed_key if fixed_key is not None else _keys.next_key(transform)
-
-
 def sofo_grad(
     fun: Callable[..., Any],
     loss_fn: Callable[[Any], jax.Array],
@@ -102,19 +98,25 @@ def sofo_grad(
         its parameters from States.
       loss_fn: `loss_fn(outputs) -> scalar`, the loss whose curvature `loss` describes.
       grad_states, argnums, has_aux, return_value, check_states, grad_vars, dyn_vars, reduce_axes: as in
-        `sofo.transforms.grad`. A state `fun` does not read (with check_states=False) gets a zero direction.
+        `sofo.transforms.grad`; States may be `sofo.State`s or brainstate's own (e.g.
+        `module.states(brainstate.ParamState)`). A state `fun` does not read (with check_states=False) gets
+        a zero direction.
       loss, tangent_size, damping, sampler, tangent_chunk_size: as in `sofo.value_and_sofo_grad`.
       key: a `jax.random.key`, legacy PRNGKey or int seed used for every call of the returned function
         (build the transform per step with a fresh key, e.g. inside a jitted step). With None, each call
-        draws the next key of sofo's own sequence (seed it with `sofo.transforms.seed(n)`); that needs
-        concrete execution, so under jax.jit pass key=.
+        draws the next key of sofo's own sequence (seed it with `sofo.transforms.seed(n)`); a call that
+        raises gives its key back. That needs concrete execution, so under jax.jit pass key=.
 
     Returns:
       A function with `fun`'s arguments returning the direction in the layout of `grad`'s return table
-      (subtract it: `params - lr * direction`), then the loss value with return_value and aux with
-      has_aux. The direction is `sofo.value_and_sofo_grad(...)(key, params)` on `params` = that same
-      layout of the current values. With has_aux, or when `fun` writes States, `fun` runs once more
-      (primal only) to produce aux and the written values.
+      (subtract it: `params - lr * direction`), then, with return_value, what `fun` returns (the model
+      output, not the loss: brainstate's `sofo_grad` returned it too, so `grads, pred = g(x);
+      loss = loss_fn(pred)` carries over), and aux with has_aux. The direction is
+      `sofo.value_and_sofo_grad(...)(key, params)` on `params` = that same layout of the current values.
+      `fun` also runs once primal only, compiled together with the engine, to produce its output, aux and
+      the values of the States it writes. Eager calls are compiled once per structure, shapes and dtypes
+      of the arguments (Python scalars and other non-array arguments are static), so later calls compile
+      nothing; the States `fun` reads are passed in, never frozen into the compiled function.
 
     References:
       Yu et al., "Second-order forward-mode optimization of recurrent neural networks for neuroscience",
@@ -133,29 +135,41 @@ def sofo_grad(
         tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
     )
 
-    @functools.wraps(fun)
-    def transformed(*args, **kwargs):
-        spec.check_args(args)
-        values = _wrapper.current_values(spec)
-        diff = spec.pack(values, args)
-        record = spec.discover(diff, args, kwargs)
-        unread = set(spec.unread_states(record))
-        _check_float_params(spec, values, unread, args)
+    cache: dict = {}
+
+    def step(key, values, unread, args, kwargs):
         params = _engine_params(spec, values, unread, args)
 
         def model(p):
             return spec.call(p, args, kwargs, Record())[0]
 
         engine = _engine.value_and_sofo_grad(model, loss_fn, **engine_options)
-        value, direction, _ = engine(_step_key("sofo_grad", fixed_key), params)
+        _, direction, _ = engine(key, params)
         direction = _fill_unread(spec, direction, values, unread)
-        aux = None
-        if spec.has_aux or record.written:
-            # The engine's traced passes cannot hand out aux or written values; one primal call does.
-            primal = Record()
-            _, aux, written_values = spec.call(diff, args, kwargs, primal)
-            _wrapper.write_back(spec, primal.written, written_values)
-        return spec.assemble(direction, value, aux)
+        # The engine's traced passes cannot hand out fun's output, aux or written values; one primal
+        # call does (XLA shares its work with the engine's primal pass when they are compiled together).
+        output, aux, written_values = spec.call(spec.pack(values, args), args, kwargs, Record())
+        return direction, output, aux, written_values
+
+    @functools.wraps(fun)
+    def transformed(*args, **kwargs):
+        with _state.exclusive():
+            spec.check_args(args)
+            values = _wrapper.current_values(spec)
+            diff = spec.pack(values, args)
+            record = spec.discover(diff, args, kwargs)
+            unread = set(spec.unread_states(record))
+            _check_float_params(spec, values, unread, args)
+            unread_flags = tuple(s in unread for s in spec.states)
+            with _keys.step_key("sofo_grad", fixed_key) as key:
+                direction, output, aux, written_values = _wrapper.run_cached(
+                    cache,
+                    lambda k, v, a, kw: step(k, v, {s for s, u in zip(spec.states, unread_flags) if u}, a, kw),
+                    _wrapper.context_states(spec, record),
+                    (key, values, tuple(args), kwargs),
+                )
+            _wrapper.write_back(spec, record.written, written_values)
+            return spec.assemble(direction, output, aux)
 
     return transformed
 
@@ -210,8 +224,10 @@ def sofo_grad_scan(
 
     Returns:
       A function returning the direction in the layout of `grad`'s return table (over grad_states and
-      the selected cell arguments), then the summed loss with return_value and the stacked aux with
-      has_aux. The direction is `sofo.value_and_sofo_grad_scan(...)(key, params, z0, xs, ys)`.
+      the selected cell arguments), then, with return_value, the cell's outputs y_t stacked over time
+      (shape (T, ...), as `lax.scan` stacks them; not the loss), and the stacked aux with has_aux. The
+      direction is `sofo.value_and_sofo_grad_scan(...)(key, params, z0, xs, ys)`. Eager calls compile
+      once per input structure, as in `sofo_grad`.
 
     Example:
       >>> W = sofo.State(w0)
@@ -238,6 +254,27 @@ def sofo_grad_scan(
         tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
     )
 
+    cache: dict = {}
+
+    def step(key, values, unread, cell_args, z0, xs, ys, kwargs):
+        params = _engine_params(spec, values, unread, cell_args)
+
+        def engine_cell(p, z, x):
+            return spec.call(p, cell_args + (z, x), kwargs, Record())[0]
+
+        engine = _engine.value_and_sofo_grad_scan(engine_cell, loss_fn, **engine_options)
+        _, direction, _ = engine(key, params, z0, xs, ys)
+        direction = _fill_unread(spec, direction, values, unread)
+        diff = spec.pack(values, cell_args)
+
+        def primal_step(z, x):
+            (z_new, y), aux_t, _ = spec.call(diff, cell_args + (z, x), kwargs, Record())
+            return z_new, (y, aux_t)
+
+        # The outputs (and aux) of every step, stacked as lax.scan stacks them, from one primal scan.
+        _, (outputs, aux) = jax.lax.scan(primal_step, z0, xs)
+        return direction, outputs, aux
+
     @functools.wraps(cell)
     def transformed(*args, **kwargs):
         if len(args) < 3:
@@ -247,34 +284,29 @@ def sofo_grad_scan(
                 f"the targets ys as the last three positional arguments."
             )
         cell_args, (z0, xs, ys) = tuple(args[:-3]), args[-3:]
-        spec.check_args(cell_args, " before the trailing z0, xs, ys")
-        values = _wrapper.current_values(spec)
-        diff = spec.pack(values, cell_args)
-        record = spec.discover(diff, cell_args + (z0, _first_step(transform, xs)), kwargs)
-        if record.written:
-            names = ", ".join(_state.describe(s) for s in record.written)
-            raise ValueError(
-                f"{transform}: {_wrapper.fun_name(cell)} writes {names}; a scanned cell cannot write States "
-                f"(each step's value would be a tracer). Carry that value in the latent z instead."
-            )
-        unread = set(spec.unread_states(record))
-        _check_float_params(spec, values, unread, cell_args)
-        params = _engine_params(spec, values, unread, cell_args)
-
-        def engine_cell(p, z, x):
-            return spec.call(p, cell_args + (z, x), kwargs, Record())[0]
-
-        engine = _engine.value_and_sofo_grad_scan(engine_cell, loss_fn, **engine_options)
-        value, direction, _ = engine(_step_key(transform, fixed_key), params, z0, xs, ys)
-        direction = _fill_unread(spec, direction, values, unread)
-        aux = None
-        if spec.has_aux:
-
-            def primal_step(z, x):
-                (z_new, _), aux_t, _ = spec.call(diff, cell_args + (z, x), kwargs, Record())
-                return z_new, aux_t
-
-            _, aux = jax.lax.scan(primal_step, z0, xs)
-        return spec.assemble(direction, value, aux)
+        with _state.exclusive():
+            spec.check_args(cell_args, " before the trailing z0, xs, ys")
+            values = _wrapper.current_values(spec)
+            diff = spec.pack(values, cell_args)
+            record = spec.discover(diff, cell_args + (z0, _first_step(transform, xs)), kwargs)
+            if record.written:
+                names = ", ".join(_state.describe(s) for s in record.written)
+                raise ValueError(
+                    f"{transform}: {_wrapper.fun_name(cell)} writes {names}; a scanned cell cannot write States "
+                    f"(each step's value would be a tracer). Carry that value in the latent z instead."
+                )
+            unread = set(spec.unread_states(record))
+            _check_float_params(spec, values, unread, cell_args)
+            unread_flags = tuple(s in unread for s in spec.states)
+            with _keys.step_key(transform, fixed_key) as key:
+                direction, outputs, aux = _wrapper.run_cached(
+                    cache,
+                    lambda k, v, a, z, x, y, kw: step(
+                        k, v, {s for s, u in zip(spec.states, unread_flags) if u}, a, z, x, y, kw
+                    ),
+                    _wrapper.context_states(spec, record),
+                    (key, values, cell_args, z0, xs, ys, kwargs),
+                )
+            return spec.assemble(direction, outputs, aux)
 
     return transformed

@@ -220,6 +220,17 @@ def tracking() -> Iterator[Frame]:
         frame.restore()
 
 
+@contextlib.contextmanager
+def exclusive() -> Iterator[None]:
+    """Holds the brainstate lock for a whole transform call (reading the states included), if brainstate
+    is imported: brainstate States keep one value, which another thread's trace may have swapped."""
+    if _brainstate() is None:
+        yield
+        return
+    with _brainstate_lock:
+        yield
+
+
 def tracking_active() -> bool:
     """Whether a transform is tracing a function right now (its outputs are then traced too)."""
     return bool(_frames())

@@ -370,3 +370,49 @@ def check_nan(spec: Spec, grads: Any) -> None:
         jax.debug.callback(raise_first, *flags)
     else:
         raise_first(*flags)
+
+
+def _is_array(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def run_cached(cache: dict, body: Callable[..., Any], context: Sequence[Any], inputs: tuple) -> Any:
+    """Runs `body(*inputs)` compiled once per input structure, so eager calls do not recompile.
+
+    Array leaves of `inputs` are the compiled function's arguments; every other leaf is static (part of
+    the cache key; an unhashable one turns caching off for the call). `context` lists the States `fun`
+    reads or writes besides the differentiated ones: their values are arguments too (swapped in during
+    the call), so a cached function never holds a stale State value. Under a jax trace or inside another
+    transform the body runs as it is: the enclosing transformation compiles it.
+    """
+    context = list(context)
+    context_values = [state.value for state in context]
+    leaves, treedef = jax.tree_util.tree_flatten((context_values, inputs))
+    if _state.tracking_active() or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return body(*inputs)
+    dynamic = tuple(_is_array(leaf) for leaf in leaves)
+    static = tuple(leaf for leaf, is_dynamic in zip(leaves, dynamic) if not is_dynamic)
+    cache_key = (treedef, dynamic, static, tuple(context))
+    try:
+        compiled = cache.get(cache_key)
+    except TypeError:  # an unhashable static leaf
+        return body(*inputs)
+    if compiled is None:
+
+        def traced(arrays):
+            arrays, statics = iter(arrays), iter(static)
+            full = [next(arrays) if is_dynamic else next(statics) for is_dynamic in dynamic]
+            values, call_inputs = treedef.unflatten(full)
+            with _state.tracking() as frame:
+                for state, value in zip(context, values):
+                    frame.swap_in(state, value)
+                return body(*call_inputs)
+
+        compiled = cache[cache_key] = jax.jit(traced)
+    return compiled([leaf for leaf, is_dynamic in zip(leaves, dynamic) if is_dynamic])
+
+
+def context_states(spec: Spec, record: Record) -> list[Any]:
+    """The states `fun` reads or writes other than the differentiated ones, in a fixed order."""
+    own = set(spec.states)
+    return [s for s in dict.fromkeys([*record.reads, *record.written]) if s not in own]
