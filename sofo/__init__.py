@@ -8,6 +8,7 @@ from sofo._engine import SofoInfo, value_and_sofo_grad, value_and_sofo_grad_scan
 from sofo import transforms
 from sofo.transforms import State, sofo_grad
 from sofo._optax import SofoState, transform
+from sofo import optim
 
 __version__ = "0.1.0.dev0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "SofoState",
     "transform",
     "sofo_grad",
+    "optim",
     "transforms",
     "value_and_sofo_grad",
     "value_and_sofo_grad_scan",

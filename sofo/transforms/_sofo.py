@@ -164,9 +164,9 @@ def sofo_grad(
             with _keys.step_key("sofo_grad", fixed_key) as key:
                 direction, output, aux, written_values = _wrapper.run_cached(
                     cache,
-                    lambda k, v, a, kw: step(k, v, {s for s, u in zip(spec.states, unread_flags) if u}, a, kw),
+                    lambda k, v, flags, a, kw: step(k, v, {s for s, u in zip(spec.states, flags) if u}, a, kw),
                     _wrapper.context_states(spec, record),
-                    (key, values, tuple(args), kwargs),
+                    (key, values, unread_flags, tuple(args), kwargs),  # the flags are static: in the cache key
                 )
             _wrapper.write_back(spec, record.written, written_values)
             return spec.assemble(direction, output, aux)
@@ -301,11 +301,11 @@ def sofo_grad_scan(
             with _keys.step_key(transform, fixed_key) as key:
                 direction, outputs, aux = _wrapper.run_cached(
                     cache,
-                    lambda k, v, a, z, x, y, kw: step(
-                        k, v, {s for s, u in zip(spec.states, unread_flags) if u}, a, z, x, y, kw
+                    lambda k, v, flags, a, z, x, y, kw: step(
+                        k, v, {s for s, u in zip(spec.states, flags) if u}, a, z, x, y, kw
                     ),
                     _wrapper.context_states(spec, record),
-                    (key, values, cell_args, z0, xs, ys, kwargs),
+                    (key, values, unread_flags, cell_args, z0, xs, ys, kwargs),
                 )
             return spec.assemble(direction, outputs, aux)
 
