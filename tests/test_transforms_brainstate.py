@@ -169,19 +169,6 @@ def test_brainstate_cell_module():
     assert not any(isinstance(l, jax.core.Tracer) for l in jax.tree_util.tree_leaves(cell.states().to_dict_values()))
 
 
-def test_threads_sofo_state_never_keeps_a_tracer():
-    w = sofo.State(jnp.ones((8, 16)) / 8)
-    x = jax.random.normal(jax.random.key(0), (4, 8))
-    g = st.grad(lambda x: jnp.mean(jnp.tanh(x @ w.value) ** 2), grad_states=w)
-    expected = jax.grad(lambda wv: jnp.mean(jnp.tanh(x @ wv) ** 2))(w.value)
-    with ThreadPoolExecutor(4) as ex:
-        results = list(ex.map(lambda i: g(x), range(40)))
-    for r in results:
-        np.testing.assert_allclose(r, expected, rtol=1e-6)
-    assert not isinstance(w.value, jax.core.Tracer)
-    np.testing.assert_allclose(g(x), expected, rtol=1e-6)
-
-
 def test_threads_brainstate_state_never_keeps_a_tracer():
     w = brainstate.ParamState(jnp.ones((8, 16)) / 8)
     x = jax.random.normal(jax.random.key(0), (4, 8))

@@ -1,6 +1,7 @@
 """Eager transforms compile once per structure; failed calls consume no key; int States are named."""
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -127,3 +128,35 @@ def test_int_state_is_named(kind):
     f = lambda x: jnp.sum(x * counter.value)
     with pytest.raises(TypeError, match=r"grad_states\['c'\].*counter.*int(32|64).*float"):
         getattr(st, kind)(f, grad_states={"c": counter})(jnp.ones(3))
+
+
+def test_threads_sofo_state_never_keeps_a_tracer():
+    w = sofo.State(jnp.ones((8, 16)) / 8)
+    x = jax.random.normal(jax.random.key(0), (4, 8))
+    g = st.grad(lambda x: jnp.mean(jnp.tanh(x @ w.value) ** 2), grad_states=w)
+    expected = jax.grad(lambda wv: jnp.mean(jnp.tanh(x @ wv) ** 2))(w.value)
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda i: g(x), range(40)))
+    for r in results:
+        np.testing.assert_allclose(r, expected, rtol=1e-6)
+    assert not isinstance(w.value, jax.core.Tracer)
+    np.testing.assert_allclose(g(x), expected, rtol=1e-6)
+
+
+def test_threads_sofo_grad_and_writes():
+    """Concurrent SOFO calls and State writes: each thread sees its own trace; no State keeps a tracer."""
+    w = sofo.State(jnp.ones((3, 2)) * 0.1)
+    steps = sofo.State(jnp.zeros(()))
+
+    def fun(x):
+        steps.value = steps.value + 1.0
+        return jnp.tanh(x @ w.value)
+
+    g = st.sofo_grad(fun, loss_fn, grad_states=w, tangent_size=4, key=1)
+    _, expected, _ = sofo.value_and_sofo_grad(lambda p: jnp.tanh(X @ p), loss_fn, tangent_size=4)(1, w.value)
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda i: g(X), range(16)))
+    for r in results:
+        np.testing.assert_allclose(r, expected, rtol=1e-6)
+    assert not isinstance(w.value, jax.core.Tracer) and not isinstance(steps.value, jax.core.Tracer)
+    assert float(steps.value) >= 1.0
