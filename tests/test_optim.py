@@ -104,3 +104,16 @@ def test_errors():
     opt.register_trainable_weights(net.states(brainstate.ParamState))
     with pytest.raises(RuntimeError, match="eagerly"):
         jax.jit(opt.step)(jnp.ones((2, 3)), jnp.ones((2, 2)))
+
+
+def test_readme_migration_block_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Migrating from brainstate\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace = {}
+    exec(compile(block, "README.md (Migrating from brainstate)", "exec"), namespace)
+    assert namespace["pred"].shape == (8, 2)
+    assert float(namespace["loss"]) < float(namespace["loss_fn"](namespace["pred"]))
