@@ -211,3 +211,26 @@ def test_exception_restores_brainstate_states():
         st.grad(f, grad_states=w)(X[0])
     np.testing.assert_array_equal(s.value, jnp.zeros(3))
     np.testing.assert_array_equal(w.value, jnp.ones(3))
+
+
+def test_sofo_grad_writes_under_brainstate_jit():
+    net = _net()
+    calls = brainstate.ShortTermState(jnp.zeros(()))
+    loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - Y) ** 2, -1))
+
+    def fun(x):
+        calls.value = calls.value + 1.0
+        return net(x)
+
+    states = net.states(brainstate.ParamState)
+    g = st.sofo_grad(fun, loss_fn, grad_states=states, tangent_size=4, key=1, return_value=True)
+    params = {k: s.value for k, s in states.items()}
+    _, expected, _ = sofo.value_and_sofo_grad(
+        lambda p: X @ list(p.values())[0]["weight"] + list(p.values())[0]["bias"], loss_fn, tangent_size=4
+    )(1, params)
+    for call in (g, brainstate.transform.jit(g)):
+        direction, outputs = call(X)
+        for key in states:
+            np.testing.assert_allclose(direction[key]["weight"], expected[key]["weight"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(outputs, X @ params[("weight",)]["weight"] + params[("weight",)]["bias"], rtol=1e-5)
+    assert float(calls.value) == 2.0

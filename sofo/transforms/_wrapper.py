@@ -372,6 +372,9 @@ def check_nan(spec: Spec, grads: Any) -> None:
         raise_first(*flags)
 
 
+_CACHE_SIZE = 32  # compiled steps kept per transform
+
+
 def _is_array(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
@@ -408,6 +411,8 @@ def run_cached(cache: dict, body: Callable[..., Any], context: Sequence[Any], in
                     frame.swap_in(state, value)
                 return body(*call_inputs)
 
+        if len(cache) >= _CACHE_SIZE:  # e.g. a new closure passed on every call: keep memory bounded
+            cache.clear()
         compiled = cache[cache_key] = jax.jit(traced)
     return compiled([leaf for leaf, is_dynamic in zip(leaves, dynamic) if is_dynamic])
 
