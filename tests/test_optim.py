@@ -9,6 +9,9 @@ import pytest
 import sofo
 
 brainstate = pytest.importorskip("brainstate")
+# Importing brainstate switches jax_enable_x64 off (its default precision is 32); the suite runs in
+# float64 (conftest), so put it back the brainstate way, which keeps its environment consistent.
+brainstate.environ.set(precision=64)
 
 
 def mse(y, t):

@@ -12,6 +12,9 @@ import sofo
 import sofo.transforms as st
 
 brainstate = pytest.importorskip("brainstate")
+# Importing brainstate switches jax_enable_x64 off (its default precision is 32); the suite runs in
+# float64 (conftest), so put it back the brainstate way, which keeps its environment consistent.
+brainstate.environ.set(precision=64)
 
 X = jax.random.normal(jax.random.key(1), (6, 3))
 Y = jax.random.normal(jax.random.key(2), (6, 2))
