@@ -10,6 +10,7 @@ from sofo.transforms import State, sofo_grad
 from sofo._optax import SofoState, transform, unmask
 from sofo._adaptive import AdaptiveDamping, predicted_reduction
 from sofo._alias import sofo
+from sofo import optim
 
 __version__ = "0.1.0.dev0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "SofoState",
     "transform",
     "sofo_grad",
+    "optim",
     "transforms",
     "unmask",
     "value_and_sofo_grad",

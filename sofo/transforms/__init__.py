@@ -8,6 +8,9 @@ state handling (`_wrapper`); the SOFO fronts get their direction from the engine
 (`sofo.value_and_sofo_grad`, `sofo.value_and_sofo_grad_scan`).
 
 `sofo_grad(..., key=None)` draws a fresh key per call from sofo's own sequence, seeded with `seed(n)`.
+
+States may be `sofo.State`s or brainstate's own (`brainstate.State`, `ParamState`, ..., or the collection
+`module.states(...)` returns); brainstate is never imported here (see `_state`).
 """
 
 from sofo.transforms._autodiff import grad, hessian, jacfwd

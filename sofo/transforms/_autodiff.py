@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import jax
 
-from sofo.transforms import _wrapper
+from sofo.transforms import _state, _wrapper
 from sofo.transforms._wrapper import MISSING, Record
 
 
@@ -22,30 +22,49 @@ def _unit_module(transform: str):
     return brainunit.autograd
 
 
+def _check_inexact_states(spec: _wrapper.Spec, values: list) -> None:
+    """Names an integer (or bool) grad state before jax refuses it with a message that names no State."""
+    for path, state, value in zip(spec.state_paths, spec.states, values):
+        for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+            dtype = jax.numpy.result_type(leaf)
+            if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+                raise TypeError(
+                    f"{spec.transform}: {path}{jax.tree_util.keystr(leaf_path)} ({_state.describe(state)}) has "
+                    f"dtype {dtype}, but only float or complex values can be differentiated. Cast its value "
+                    f"(e.g. state.value = jnp.asarray(state.value, jnp.float32)), leave it out of grad_states, "
+                    f"or pass allow_int=True (grad only) to get a float0 zero gradient for it."
+                )
+
+
 def _build(
     transform: str,
     make_jax_fn: Callable[[Callable[..., Any]], Callable[..., Any]],
     spec: _wrapper.Spec,
     debug_nan: bool = False,
+    allow_int: bool = False,
 ) -> Callable[..., Any]:
     """Wraps `spec.fun` with one jax transform of the shared pure function (see `_wrapper`)."""
 
     @functools.wraps(spec.fun)
     def transformed(*args, **kwargs):
-        spec.check_args(args)
-        diff = spec.pack(_wrapper.current_values(spec), args)
-        spec.discover(diff, args, kwargs)
-        record = Record()
+        with _state.exclusive():
+            spec.check_args(args)
+            values = _wrapper.current_values(spec)
+            if not allow_int:
+                _check_inexact_states(spec, values)
+            diff = spec.pack(values, args)
+            spec.discover(diff, args, kwargs)
+            record = Record()
 
-        def pure(d):
-            output, aux, written_values = spec.call(d, args, kwargs, record)
-            return output, (output, aux, written_values)
+            def pure(d):
+                output, aux, written_values = spec.call(d, args, kwargs, record)
+                return output, (output, aux, written_values)
 
-        grads, (value, aux, written_values) = make_jax_fn(pure)(diff)
-        if debug_nan:
-            _wrapper.check_nan(spec, grads)
-        _wrapper.write_back(spec, record.written, written_values)
-        return spec.assemble(grads, value, aux)
+            grads, (value, aux, written_values) = make_jax_fn(pure)(diff)
+            if debug_nan:
+                _wrapper.check_nan(spec, grads)
+            _wrapper.write_back(spec, record.written, written_values)
+            return spec.assemble(grads, value, aux)
 
     return transformed
 
@@ -114,6 +133,7 @@ def grad(
         lambda pure: autodiff.grad(pure, has_aux=True, holomorphic=holomorphic, allow_int=allow_int),
         spec,
         debug_nan=bool(debug_nan),
+        allow_int=bool(allow_int),
     )
 
 

@@ -7,8 +7,10 @@ frozen into the compiled function (and every step would reuse its tangents), so 
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import threading
+from typing import Any, Iterator
 
 import jax
 
@@ -36,8 +38,14 @@ def seed(value: int) -> None:
 
 def next_key(transform: str) -> jax.Array:
     """Draws the next key of the sequence; raises under a jax trace, where a draw would be frozen."""
+    return _draw(transform)[0]
+
+
+def _draw(transform: str) -> tuple[jax.Array, Any, Any]:
+    """(key, sequence state after the draw, sequence state before it)."""
     global _key
     with _lock:
+        old_base = _key
         base = jax.random.key(_seed) if _key is None else _key
         new_base, key = jax.random.split(base)
         if isinstance(key, jax.core.Tracer):
@@ -48,4 +56,25 @@ def next_key(transform: str) -> jax.Array:
                 f"carry a key through the jitted step, split it and build {transform}(..., key=step_key) inside."
             )
         _key = new_base
-    return key
+    return key, new_base, old_base
+
+
+@contextlib.contextmanager
+def step_key(transform: str, fixed_key: Any) -> Iterator[jax.Array]:
+    """The key of one call: `fixed_key`, or the next key of the sequence, given back if the call fails.
+
+    A failed call consumes no key, so the next good call draws the tangents it would have drawn (unless
+    another thread drew a key in between: that draw stands).
+    """
+    global _key
+    if fixed_key is not None:
+        yield fixed_key
+        return
+    key, new_base, old_base = _draw(transform)
+    try:
+        yield key
+    except BaseException:
+        with _lock:
+            if _key is new_base:
+                _key = old_base
+        raise

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sofo import _adaptive, _checks, _engine, _optax
-from sofo.transforms import _keys, _wrapper
+from sofo import _adaptive, _checks, _engine, _optax, _tangents
+from sofo.transforms import _keys, _state, _wrapper
 from sofo.transforms._wrapper import MISSING, Record, Spec
 
 
@@ -72,10 +72,6 @@ def _fill_unread(spec: Spec, direction: Any, values: list, unread: set) -> Any:
     return spec.pack(filled, arg_values)
 
 
-def _step_key(transform: str, fixed_key: Any) -> jax.Array:
-    return fixed_key if fixed_key is not None else _keys.next_key(transform)
-
-
 class AdaptiveState:
     """Levenberg-Marquardt damping and memory kept between the calls of a transformed function.
 
@@ -108,9 +104,9 @@ class AdaptiveState:
     def active(self) -> bool:
         return self.config is not None or self.memory_size > 0
 
-    def step(self, engine_call, evaluate, params):
-        """`engine_call(damping, memory)`; returns (value, direction) and keeps the new state."""
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(params)):
+    def inputs(self, params: Any, arrays: Any) -> tuple[Any, Any]:
+        """The (damping, memory) to pass into a step; refuses traced calls (the state lives in Python)."""
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(arrays)):
             raise TypeError(
                 f"{self.transform}(adaptive_damping=..., memory_size=...) keeps its damping and memory between "
                 f"calls, so it must be called eagerly, not under jax.jit or another trace. Under jit use "
@@ -118,21 +114,22 @@ class AdaptiveState:
             )
         if self.memory is None and self.memory_size:
             self.memory = _adaptive.init_memory(params, self.memory_size)
-        dtype = _tangents_dtype(params)
+        return jnp.asarray(self.damping, _tangents.compute_dtype(params)), self.memory
+
+    def run(self, engine_call, evaluate, params, damping, memory):
+        """Inside the compiled step: one adaptive step; returns (direction, the new state's arrays)."""
+        dtype = _tangents.compute_dtype(params)
         result = _adaptive.adaptive_step(
-            engine_call, evaluate, params, self.damping, self.memory, self.step_size, self.config, dtype
+            engine_call, evaluate, params, damping, memory, self.step_size, self.config, dtype
         )
-        self.damping = float(result.damping)
-        self.ratio = float(result.ratio) if self.config is not None else None
-        self.accepted = bool(result.accepted)
-        self.memory = result.memory
-        return result.value, result.direction
+        return result.direction, (result.damping, result.ratio, result.accepted, result.memory)
 
-
-def _tangents_dtype(params):
-    from sofo import _tangents
-
-    return _tangents.compute_dtype(params)
+    def update(self, new_state) -> None:
+        damping, ratio, accepted, memory = new_state
+        self.damping = float(damping)
+        self.ratio = float(ratio) if self.config is not None else None
+        self.accepted = bool(accepted)
+        self.memory = memory
 
 
 def sofo_grad(
@@ -164,12 +161,14 @@ def sofo_grad(
         its parameters from States.
       loss_fn: `loss_fn(outputs) -> scalar`, the loss whose curvature `loss` describes.
       grad_states, argnums, has_aux, return_value, check_states, grad_vars, dyn_vars, reduce_axes: as in
-        `sofo.transforms.grad`. A state `fun` does not read (with check_states=False) gets a zero direction.
+        `sofo.transforms.grad`; States may be `sofo.State`s or brainstate's own (e.g.
+        `module.states(brainstate.ParamState)`). A state `fun` does not read (with check_states=False) gets
+        a zero direction.
       loss, tangent_size, damping, sampler, tangent_chunk_size: as in `sofo.value_and_sofo_grad`.
       key: a `jax.random.key`, legacy PRNGKey or int seed used for every call of the returned function
         (build the transform per step with a fresh key, e.g. inside a jitted step). With None, each call
-        draws the next key of sofo's own sequence (seed it with `sofo.transforms.seed(n)`); that needs
-        concrete execution, so under jax.jit pass key=.
+        draws the next key of sofo's own sequence (seed it with `sofo.transforms.seed(n)`); a call that
+        raises gives its key back. That needs concrete execution, so under jax.jit pass key=.
       adaptive_damping, step_size, memory_size: Levenberg-Marquardt damping and subspace memory as in
         `sofo.transform` (`damping` is then the initial value, and `step_size` must be the learning rate
         you apply: `value - step_size * direction`). Each call also evaluates the loss at
@@ -180,10 +179,14 @@ def sofo_grad(
 
     Returns:
       A function with `fun`'s arguments returning the direction in the layout of `grad`'s return table
-      (subtract it: `params - lr * direction`), then the loss value with return_value and aux with
-      has_aux. The direction is `sofo.value_and_sofo_grad(...)(key, params)` on `params` = that same
-      layout of the current values. With has_aux, or when `fun` writes States, `fun` runs once more
-      (primal only) to produce aux and the written values.
+      (subtract it: `params - lr * direction`), then, with return_value, what `fun` returns (the model
+      output, not the loss: brainstate's `sofo_grad` returned it too, so `grads, pred = g(x);
+      loss = loss_fn(pred)` carries over), and aux with has_aux. The direction is
+      `sofo.value_and_sofo_grad(...)(key, params)` on `params` = that same layout of the current values.
+      `fun` also runs once primal only, compiled together with the engine, to produce its output, aux and
+      the values of the States it writes. Eager calls are compiled once per structure, shapes and dtypes
+      of the arguments (Python scalars and other non-array arguments are static), so later calls compile
+      nothing; the States `fun` reads are passed in, never frozen into the compiled function.
 
     References:
       Yu et al., "Second-order forward-mode optimization of recurrent neural networks for neuroscience",
@@ -201,37 +204,58 @@ def sofo_grad(
     engine_options = dict(
         tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
     )
-    adaptive = AdaptiveState("sofo_grad", adaptive_damping, step_size, memory_size, damping, tangent_size)
 
-    @functools.wraps(fun)
-    def transformed(*args, **kwargs):
-        spec.check_args(args)
-        values = _wrapper.current_values(spec)
-        diff = spec.pack(values, args)
-        record = spec.discover(diff, args, kwargs)
-        unread = set(spec.unread_states(record))
-        _check_float_params(spec, values, unread, args)
+    adaptive = AdaptiveState("sofo_grad", adaptive_damping, step_size, memory_size, damping, tangent_size)
+    cache: dict = {}
+
+    def step(key, values, unread, args, kwargs, adaptive_inputs):
         params = _engine_params(spec, values, unread, args)
 
         def model(p):
             return spec.call(p, args, kwargs, Record())[0]
 
         engine = _engine.value_and_sofo_grad(model, loss_fn, **engine_options)
-        step_key = _step_key("sofo_grad", fixed_key)
-        if adaptive.active:
-            value, direction = adaptive.step(
-                lambda d, m: engine(step_key, params, damping=d, memory=m), lambda p: loss_fn(model(p)), params
-            )
+        new_adaptive = None
+        if adaptive_inputs is None:
+            _, direction, _ = engine(key, params)
         else:
-            value, direction, _ = engine(step_key, params)
+            direction, new_adaptive = adaptive.run(
+                lambda d, m: engine(key, params, damping=d, memory=m), lambda p: loss_fn(model(p)), params,
+                *adaptive_inputs,
+            )
         direction = _fill_unread(spec, direction, values, unread)
-        aux = None
-        if spec.has_aux or record.written:
-            # The engine's traced passes cannot hand out aux or written values; one primal call does.
-            primal = Record()
-            _, aux, written_values = spec.call(diff, args, kwargs, primal)
-            _wrapper.write_back(spec, primal.written, written_values)
-        return spec.assemble(direction, value, aux)
+        # The engine's traced passes cannot hand out fun's output, aux or written values; one primal
+        # call does (XLA shares its work with the engine's primal pass when they are compiled together).
+        output, aux, written_values = spec.call(spec.pack(values, args), args, kwargs, Record())
+        return direction, output, aux, written_values, new_adaptive
+
+    @functools.wraps(fun)
+    def transformed(*args, **kwargs):
+        with _state.exclusive():
+            spec.check_args(args)
+            values = _wrapper.current_values(spec)
+            diff = spec.pack(values, args)
+            record = spec.discover(diff, args, kwargs)
+            unread = set(spec.unread_states(record))
+            _check_float_params(spec, values, unread, args)
+            unread_flags = tuple(s in unread for s in spec.states)
+            adaptive_inputs = None
+            if adaptive.active:
+                adaptive_inputs = adaptive.inputs(_engine_params(spec, values, unread, args), (values, args))
+            with _keys.step_key("sofo_grad", fixed_key) as key:
+                direction, output, aux, written_values, new_adaptive = _wrapper.run_cached(
+                    cache,
+                    lambda k, v, flags, a, kw, ad: step(
+                        k, v, {s for s, u in zip(spec.states, flags) if u}, a, kw, ad
+                    ),
+                    _wrapper.context_states(spec, record),
+                    # the flags are static: in the cache key
+                    (key, values, unread_flags, tuple(args), kwargs, adaptive_inputs),
+                )
+            if new_adaptive is not None:
+                adaptive.update(new_adaptive)
+            _wrapper.write_back(spec, record.written, written_values)
+            return spec.assemble(direction, output, aux)
 
     transformed.adaptive = adaptive
     return transformed
@@ -291,8 +315,10 @@ def sofo_grad_scan(
 
     Returns:
       A function returning the direction in the layout of `grad`'s return table (over grad_states and
-      the selected cell arguments), then the summed loss with return_value and the stacked aux with
-      has_aux. The direction is `sofo.value_and_sofo_grad_scan(...)(key, params, z0, xs, ys)`.
+      the selected cell arguments), then, with return_value, the cell's outputs y_t stacked over time
+      (shape (T, ...), as `lax.scan` stacks them; not the loss), and the stacked aux with has_aux. The
+      direction is `sofo.value_and_sofo_grad_scan(...)(key, params, z0, xs, ys)`. Eager calls compile
+      once per input structure, as in `sofo_grad`.
 
     Example:
       >>> W = sofo.State(w0)
@@ -318,7 +344,37 @@ def sofo_grad_scan(
     engine_options = dict(
         tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
     )
+
     adaptive = AdaptiveState(transform, adaptive_damping, step_size, memory_size, damping, tangent_size)
+    cache: dict = {}
+
+    def step(key, values, unread, cell_args, z0, xs, ys, kwargs, adaptive_inputs):
+        params = _engine_params(spec, values, unread, cell_args)
+
+        def engine_cell(p, z, x):
+            return spec.call(p, cell_args + (z, x), kwargs, Record())[0]
+
+        engine = _engine.value_and_sofo_grad_scan(engine_cell, loss_fn, **engine_options)
+        new_adaptive = None
+        if adaptive_inputs is None:
+            _, direction, _ = engine(key, params, z0, xs, ys)
+        else:
+            direction, new_adaptive = adaptive.run(
+                lambda d, m: engine(key, params, z0, xs, ys, damping=d, memory=m),
+                lambda p: _adaptive.rollout_loss(engine_cell, loss_fn, p, z0, xs, ys),
+                params,
+                *adaptive_inputs,
+            )
+        direction = _fill_unread(spec, direction, values, unread)
+        diff = spec.pack(values, cell_args)
+
+        def primal_step(z, x):
+            (z_new, y), aux_t, _ = spec.call(diff, cell_args + (z, x), kwargs, Record())
+            return z_new, (y, aux_t)
+
+        # The outputs (and aux) of every step, stacked as lax.scan stacks them, from one primal scan.
+        _, (outputs, aux) = jax.lax.scan(primal_step, z0, xs)
+        return direction, outputs, aux, new_adaptive
 
     @functools.wraps(cell)
     def transformed(*args, **kwargs):
@@ -329,43 +385,37 @@ def sofo_grad_scan(
                 f"the targets ys as the last three positional arguments."
             )
         cell_args, (z0, xs, ys) = tuple(args[:-3]), args[-3:]
-        spec.check_args(cell_args, " before the trailing z0, xs, ys")
-        values = _wrapper.current_values(spec)
-        diff = spec.pack(values, cell_args)
-        record = spec.discover(diff, cell_args + (z0, _first_step(transform, xs)), kwargs)
-        if record.written:
-            names = ", ".join(s.describe() for s in record.written)
-            raise ValueError(
-                f"{transform}: {_wrapper.fun_name(cell)} writes {names}; a scanned cell cannot write States "
-                f"(each step's value would be a tracer). Carry that value in the latent z instead."
-            )
-        unread = set(spec.unread_states(record))
-        _check_float_params(spec, values, unread, cell_args)
-        params = _engine_params(spec, values, unread, cell_args)
-
-        def engine_cell(p, z, x):
-            return spec.call(p, cell_args + (z, x), kwargs, Record())[0]
-
-        engine = _engine.value_and_sofo_grad_scan(engine_cell, loss_fn, **engine_options)
-        step_key = _step_key(transform, fixed_key)
-        if adaptive.active:
-            value, direction = adaptive.step(
-                lambda d, m: engine(step_key, params, z0, xs, ys, damping=d, memory=m),
-                lambda p: _adaptive.rollout_loss(engine_cell, loss_fn, p, z0, xs, ys),
-                params,
-            )
-        else:
-            value, direction, _ = engine(step_key, params, z0, xs, ys)
-        direction = _fill_unread(spec, direction, values, unread)
-        aux = None
-        if spec.has_aux:
-
-            def primal_step(z, x):
-                (z_new, _), aux_t, _ = spec.call(diff, cell_args + (z, x), kwargs, Record())
-                return z_new, aux_t
-
-            _, aux = jax.lax.scan(primal_step, z0, xs)
-        return spec.assemble(direction, value, aux)
+        with _state.exclusive():
+            spec.check_args(cell_args, " before the trailing z0, xs, ys")
+            values = _wrapper.current_values(spec)
+            diff = spec.pack(values, cell_args)
+            record = spec.discover(diff, cell_args + (z0, _first_step(transform, xs)), kwargs)
+            if record.written:
+                names = ", ".join(_state.describe(s) for s in record.written)
+                raise ValueError(
+                    f"{transform}: {_wrapper.fun_name(cell)} writes {names}; a scanned cell cannot write States "
+                    f"(each step's value would be a tracer). Carry that value in the latent z instead."
+                )
+            unread = set(spec.unread_states(record))
+            _check_float_params(spec, values, unread, cell_args)
+            unread_flags = tuple(s in unread for s in spec.states)
+            adaptive_inputs = None
+            if adaptive.active:
+                adaptive_inputs = adaptive.inputs(
+                    _engine_params(spec, values, unread, cell_args), (values, cell_args, z0, xs, ys)
+                )
+            with _keys.step_key(transform, fixed_key) as key:
+                direction, outputs, aux, new_adaptive = _wrapper.run_cached(
+                    cache,
+                    lambda k, v, flags, a, z, x, y, kw, ad: step(
+                        k, v, {s for s, u in zip(spec.states, flags) if u}, a, z, x, y, kw, ad
+                    ),
+                    _wrapper.context_states(spec, record),
+                    (key, values, unread_flags, cell_args, z0, xs, ys, kwargs, adaptive_inputs),
+                )
+            if new_adaptive is not None:
+                adaptive.update(new_adaptive)
+            return spec.assemble(direction, outputs, aux)
 
     transformed.adaptive = adaptive
     return transformed

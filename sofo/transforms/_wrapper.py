@@ -132,9 +132,10 @@ class Spec:
             for state, value in zip(self.states, var_values):
                 if value is not None:
                     frame.swap_in(state, value)
-            result = self.fun(*call_args, **kwargs)
+            with frame.watch():
+                result = self.fun(*call_args, **kwargs)
             written = list(frame.written)
-            written_values = [state._value for state in written]
+            written_values = [frame.value_of(state) for state in written]
         record.reads, record.written = frame.reads, written
         output, aux = self.split_aux(result)
         return output, aux, written_values
@@ -167,7 +168,7 @@ class Spec:
         if self.check_states:
             unread = [(path, s) for path, s in zip(self.state_paths, self.states) if s not in record.reads]
             if unread:
-                names = "; ".join(f"{path} ({s.describe()})" for path, s in unread)
+                names = "; ".join(f"{path} ({_state.describe(s)})" for path, s in unread)
                 raise ValueError(
                     f"{self.transform}: {fun_name(self.fun)} never reads {names}, so its gradient would be zero. "
                     f"Remove it from grad_states, or pass check_states=False to get zeros for it."
@@ -221,17 +222,17 @@ def _check_argnums(transform: str, argnums: Any) -> int | tuple[int, ...] | None
 
 def _flatten_states(transform: str, grad_states: Any) -> tuple[tuple[State, ...], tuple[str, ...], Any]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(
-        grad_states, is_leaf=lambda x: x is None or isinstance(x, State)
+        grad_states, is_leaf=lambda x: x is None or _state.is_state(x)
     )
     states, paths = [], []
     for path, leaf in leaves:
         where = "grad_states" + jax.tree_util.keystr(path)
-        if not isinstance(leaf, State):
+        if not _state.is_state(leaf):
             shown = repr(leaf)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise TypeError(
-                f"{transform}: {where} is a {type(leaf).__name__} ({shown}), not a sofo.State. grad_states takes "
-                f"a State or a list, tuple or dict of States. Wrap the value in sofo.State(...), or pass it as "
+                f"{transform}: {where} is a {type(leaf).__name__} ({shown}), not a sofo.State or a brainstate State. grad_states takes a "
+                f"State, or a list, tuple or dict of States (e.g. module.states()). Wrap the value in sofo.State(...), or pass it as "
                 f"a positional argument and select it with argnums."
             )
         if any(leaf is s for s in states):
@@ -328,9 +329,14 @@ def _has_tracer(value: Any) -> bool:
 def write_back(spec: Spec, states: Sequence[State], values: Sequence[Any]) -> None:
     """Stores the new values of the states `fun` wrote, refusing tracers outside an enclosing transform."""
     if not _state.tracking_active():
-        leaked = [s for s, v in zip(states, values) if _has_tracer(v)]
+        # A brainstate State that already holds a tracer belongs to an enclosing brainstate transform
+        # (brainstate.transform.jit, ...), which takes the traced value out itself.
+        leaked = [
+            s for s, v in zip(states, values)
+            if _has_tracer(v) and not (_state.is_brainstate_state(s) and _has_tracer(s.value))
+        ]
         if leaked:
-            names = ", ".join(s.describe() for s in leaked)
+            names = ", ".join(_state.describe(s) for s in leaked)
             raise RuntimeError(
                 f"{spec.transform}: {fun_name(spec.fun)} wrote {names} while running under a jax trace "
                 f"(jax.jit, jax.vmap, ...), so the new value is a tracer, which a State must not keep; every "
@@ -364,3 +370,54 @@ def check_nan(spec: Spec, grads: Any) -> None:
         jax.debug.callback(raise_first, *flags)
     else:
         raise_first(*flags)
+
+
+_CACHE_SIZE = 32  # compiled steps kept per transform
+
+
+def _is_array(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def run_cached(cache: dict, body: Callable[..., Any], context: Sequence[Any], inputs: tuple) -> Any:
+    """Runs `body(*inputs)` compiled once per input structure, so eager calls do not recompile.
+
+    Array leaves of `inputs` are the compiled function's arguments; every other leaf is static (part of
+    the cache key; an unhashable one turns caching off for the call). `context` lists the States `fun`
+    reads or writes besides the differentiated ones: their values are arguments too (swapped in during
+    the call), so a cached function never holds a stale State value. Under a jax trace or inside another
+    transform the body runs as it is: the enclosing transformation compiles it.
+    """
+    context = list(context)
+    context_values = [state.value for state in context]
+    leaves, treedef = jax.tree_util.tree_flatten((context_values, inputs))
+    if _state.tracking_active() or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return body(*inputs)
+    dynamic = tuple(_is_array(leaf) for leaf in leaves)
+    static = tuple(leaf for leaf, is_dynamic in zip(leaves, dynamic) if not is_dynamic)
+    cache_key = (treedef, dynamic, static, tuple(context))
+    try:
+        compiled = cache.get(cache_key)
+    except TypeError:  # an unhashable static leaf
+        return body(*inputs)
+    if compiled is None:
+
+        def traced(arrays):
+            arrays, statics = iter(arrays), iter(static)
+            full = [next(arrays) if is_dynamic else next(statics) for is_dynamic in dynamic]
+            values, call_inputs = treedef.unflatten(full)
+            with _state.tracking() as frame:
+                for state, value in zip(context, values):
+                    frame.swap_in(state, value)
+                return body(*call_inputs)
+
+        if len(cache) >= _CACHE_SIZE:  # e.g. a new closure passed on every call: keep memory bounded
+            cache.clear()
+        compiled = cache[cache_key] = jax.jit(traced)
+    return compiled([leaf for leaf, is_dynamic in zip(leaves, dynamic) if is_dynamic])
+
+
+def context_states(spec: Spec, record: Record) -> list[Any]:
+    """The states `fun` reads or writes other than the differentiated ones, in a fixed order."""
+    own = set(spec.states)
+    return [s for s in dict.fromkeys([*record.reads, *record.written]) if s not in own]
