@@ -37,15 +37,15 @@ def sample(key: jax.Array, params: Any, tangent_size: int, sampler: str, indices
             # One flat draw per tangent (a draw per leaf compiles an order of magnitude slower).
             raw = jax.random.normal(jax.random.fold_in(key, index), (sum(sizes),), dtype)
             raw = raw / jnp.linalg.norm(raw)
-            # An empty leaf gets an empty block (reshaping a batched empty slice would divide by zero).
-            return [
-                raw[a:b].reshape(shape) if a < b else jnp.zeros(shape, dtype)
-                for a, b, shape in zip(offsets, offsets[1:], shapes)
-            ]
+            # Non-empty leaves only: lax.map cannot batch an empty output (it divides by its size).
+            return [raw[a:b].reshape(shape) for a, b, shape in zip(offsets, offsets[1:], shapes) if a < b]
 
         # Small vmapped batches under lax.map: the same tangents as one vmap over all K, but the PRNG's
         # K x n work buffers and a flat K x n copy are never live at once (they set the scan engine's peak).
-        blocks = jax.lax.map(one, indices, batch_size=min(16, indices.shape[0]))
+        filled = iter(jax.lax.map(one, indices, batch_size=min(16, indices.shape[0])))
+        blocks = [
+            next(filled) if size else jnp.zeros(indices.shape + shape, dtype) for size, shape in zip(sizes, shapes)
+        ]
     elif sampler == "orthonormal":
         flat = jnp.linalg.qr(jax.random.normal(key, (sum(sizes), tangent_size), dtype))[0].T
         blocks = [
