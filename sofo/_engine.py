@@ -225,7 +225,18 @@ def value_and_sofo_grad(
       `f(key, params) -> (value, direction, info)`: `value = loss_fn(fun(params))`; `direction`, shaped
       and typed like `params`, is V (G + damping * max_eig(G) I)^-1 V^T grad — a descent direction to
       subtract (`params - lr * direction`); `info` is a `SofoInfo`. `key` is a `jax.random.key`, a legacy
-      `PRNGKey` or an int seed. `f` is pure: it jit-compiles and vmaps over keys.
+      `PRNGKey` or an int seed (within the int32 range, or int64 with x64 on). `f` is pure: it
+      jit-compiles and vmaps over keys.
+
+    Non-finite numbers: a NaN or inf in `params`, in the data `fun` closes over, in the model's outputs or
+    in the loss is not caught (checking it would need a host round-trip inside `jit`); it propagates, so
+    `value`, `direction` and `info` come back non-finite. To find its source run with
+    `jax.config.update("jax_debug_nans", True)` (or `jax.debug_nans(True)` as a context), which raises at
+    the first primitive that makes a NaN; in an optax loop, wrap the chain in
+    `optax.apply_if_finite(..., max_consecutive_errors)` to skip non-finite updates. Output tangents so
+    large that the sketch would overflow (|JV| near sqrt of the largest float) are rescaled by a power of
+    two first, which leaves the direction unchanged; `info` then holds the sketch and the directional
+    derivatives of the rescaled tangents.
 
     References:
       Yu et al., NeurIPS 2024, Algorithm 1.
@@ -310,7 +321,10 @@ def value_and_sofo_grad_scan(
       `f(key, params, z0, xs, ys) -> (value, direction, info)` with `xs`, `ys` time-major pytrees of equal
       leading length T. The initial latent `z0` is not differentiated (make it a parameter of `cell` to
       learn it). With the same key it draws the same tangents as `value_and_sofo_grad`, so on the unrolled
-      rollout with the summed loss both give the same direction.
+      rollout with the summed loss both give the same direction. Non-float leaves of the latent (an int
+      step counter, a bool mask) are carried through without tangents. With T = 0 steps the loss is the
+      empty sum, 0, and the direction is zero. NaN/inf behave as in `value_and_sofo_grad`; the overflow
+      rescaling there is not applied per time step here.
 
     References:
       Yu et al., NeurIPS 2024, Section 3 (recurrent networks).
