@@ -87,12 +87,25 @@ def check_tangent_sharding(tangent_sharding: Any) -> None:
         )
 
 
+def _check_seed(seed: int) -> int:
+    """An int seed must fit the int type a key is seeded from, or distinct seeds would collide."""
+    bits = 64 if jax.config.jax_enable_x64 else 32
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if not low <= seed <= high:
+        raise ValueError(
+            f"int seed {seed} is outside [{low}, {high}], the range a key holds with jax_enable_x64="
+            f"{bits == 64} (outside it, distinct seeds collide or overflow). Pass a seed in that range, or "
+            f"a key, e.g. jax.random.fold_in(jax.random.key(0), seed % 2**31)."
+        )
+    return seed
+
+
 def as_key(key: Any) -> jax.Array:
     """Returns a typed PRNG key from a typed key, a legacy uint32[2] key or an int seed."""
     if isinstance(key, bool) or isinstance(key, np.bool_):
         raise TypeError(f"key must be a jax.random.key, a legacy PRNGKey or an int seed; got the bool {key!r}.")
     if isinstance(key, numbers.Integral):
-        return jax.random.key(int(key))
+        return jax.random.key(_check_seed(int(key)))
     dtype = getattr(key, "dtype", None)
     shape = getattr(key, "shape", None)
     if dtype is None or shape is None:

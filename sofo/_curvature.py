@@ -24,6 +24,8 @@ def mse(outputs: Any, output_tangents: Any, dtype) -> jax.Array:
     """H_L = I / B, B the leading-axis size of each output leaf: exact for 0.5 * mean_batch(sum_rest (y-t)^2)."""
     total = 0.0
     for y, u in _pairs(outputs, output_tangents):
+        if jnp.size(y) == 0:
+            continue  # an empty leaf adds nothing (and its batch of 0 would divide by zero)
         batch = y.shape[0] if y.ndim else 1
         u = u.astype(dtype)
         total = total + _gram(u, u) / batch
@@ -42,6 +44,8 @@ def ce(outputs: Any, output_tangents: Any, dtype) -> jax.Array:
                 "loss='ce' needs logits with a class axis (the last axis); the model returned a scalar. "
                 "Return logits shaped (..., classes) or use loss='exact'."
             )
+        if jnp.size(y) == 0:
+            continue  # an empty leaf adds nothing (and 0 rows or 0 classes would divide by zero)
         rows = y.size // y.shape[-1]
         p = jax.nn.softmax(y.astype(dtype), axis=-1)
         u = u.astype(dtype)

@@ -54,6 +54,85 @@ def _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tan
     _checks.check_tangent_sharding(tangent_sharding)
 
 
+def _check_callable(f, name, call):
+    """Rejects a non-callable model or loss when the step is built, not when it is first called."""
+    if not callable(f):
+        raise TypeError(f"{name} must be callable; got {type(f).__name__} ({f!r}). Pass it as {call}.")
+
+
+def _abstract_outputs(probe, args, name):
+    """`jax.eval_shape(probe, *args)` (no FLOPs), rejecting Python numbers among the outputs.
+
+    A Python number is constant (no tangent) and has no shape to sketch; jax would only fail later, inside
+    the curvature, with "'float' object has no attribute 'ndim'".
+    """
+    constants = []
+
+    def traced(*inner):
+        outputs = probe(*inner)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(outputs)[0]:
+            if isinstance(leaf, (bool, int, float, complex)):
+                constants.append(f"output{jax.tree_util.keystr(path)} is the Python {type(leaf).__name__} {leaf!r}")
+        return outputs
+
+    shapes = jax.eval_shape(traced, *args)
+    if constants:
+        raise TypeError(
+            f"{name} must return jax arrays computed from the parameters; {'; '.join(constants)}. Return "
+            f"e.g. jnp.asarray(...) of an expression in params (a constant has no derivative)."
+        )
+    return shapes
+
+
+def _check_ce_outputs(outputs, loss, name):
+    """loss='ce' needs logits with a class axis on every output leaf; checked on shapes, before any FLOPs."""
+    if loss != "ce":
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(outputs)[0]:
+        if not leaf.shape:
+            raise ValueError(
+                f"loss='ce' needs logits with a class axis (the last axis), but {name}'s "
+                f"output{jax.tree_util.keystr(path)} is a scalar. Return logits shaped (..., classes) or use "
+                f"loss='exact'."
+            )
+
+
+def _check_axis_name(axis_name):
+    """`axis_name` only means something inside `shard_map`/`pmap`; say so before the model runs."""
+    if axis_name is None:
+        return
+    try:
+        jax.lax.psum(1, axis_name)
+    except NameError as error:
+        raise ValueError(
+            f"axis_name={axis_name!r} is not bound here: the step was called outside jax.shard_map / "
+            f"jax.pmap over that axis. Call it inside shard_map(..., mesh, in_specs, out_specs) with a mesh "
+            f"axis named {axis_name!r}, or pass axis_name=None under plain jax.jit."
+        ) from error
+
+
+def _rescale_for_overflow(output_tangents, dtype, axis_name):
+    """A power of two s such that the sketch of output_tangents / s cannot overflow `dtype`.
+
+    The sketch squares the output tangents: at |u| ~ 1e20 float32 overflows to inf (then NaN) although
+    the loss is finite. With relative damping the direction is unchanged by scaling the tangents, V -> V/s
+    (Vc = (V/s)(sc)), so the engine sketches u/s and maps the coefficients back. s = 1 (bit-identical)
+    unless the squares would come within a factor 2**16 of the largest float.
+    """
+    leaves = [u.astype(dtype) for u in jax.tree_util.tree_leaves(output_tangents) if u.size]
+    if not leaves:
+        return output_tangents, jnp.ones((), dtype)
+    count = sum(u[0].size for u in leaves)
+    largest = jax.lax.stop_gradient(jnp.max(jnp.stack([jnp.max(jnp.abs(u)) for u in leaves])))
+    if axis_name is not None:
+        largest = jax.lax.pmax(largest, axis_name)
+    limit = jnp.sqrt(jnp.asarray(jnp.finfo(dtype).max, dtype) / (count * 2.0**16))
+    risky = jnp.isfinite(largest) & (largest > limit)
+    scale = jnp.where(risky, jnp.exp2(jnp.ceil(jnp.log2(jnp.where(risky, largest, 1)))), 1).astype(dtype)
+    rescaled = jax.tree_util.tree_map(lambda u: u / scale.astype(u.dtype) if u.size else u, output_tangents)
+    return rescaled, scale
+
+
 def _shard_tangents(tree, tangent_sharding):
     """Pins the leading K axis of every leaf to the tangent mesh axis (tangent parallelism)."""
     if tangent_sharding is None:
@@ -165,18 +244,32 @@ def value_and_sofo_grad(
       leaves have a leading axis of m <= K stored directions, replaces the first m random tangents
       (see `sofo._tangents.sample`); the same key and memory give the same step.
 
+    Non-finite numbers: a NaN or inf in `params`, in the data `fun` closes over, in the model's outputs or
+    in the loss is not caught (checking it would need a host round-trip inside `jit`); it propagates, so
+    `value`, `direction` and `info` come back non-finite. To find its source run with
+    `jax.config.update("jax_debug_nans", True)` (or `jax.debug_nans(True)` as a context), which raises at
+    the first primitive that makes a NaN; in an optax loop, wrap the chain in
+    `optax.apply_if_finite(..., max_consecutive_errors)` to skip non-finite updates. Output tangents so
+    large that the sketch would overflow (|JV| near sqrt of the largest float) are rescaled by a power of
+    two first, which leaves the direction unchanged; `info` then holds the sketch and the directional
+    derivatives of the rescaled tangents.
+
     References:
       Yu et al., NeurIPS 2024, Algorithm 1.
     """
     _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding)
     default_damping = damping
+    _check_callable(fun, "fun", "fun(params) -> outputs")
+    _check_callable(loss_fn, "loss_fn", "loss_fn(outputs) -> scalar")
 
     streamed = sampler != "orthonormal" and tangent_chunk_size is not None and tangent_chunk_size < tangent_size
 
     def value_and_direction(key, params, *, damping=None, memory=None):
         key, damping, dtype = _prepare(key, params, tangent_size, sampler, damping, default_damping, memory)
-        out_shapes = jax.eval_shape(fun, params)
+        _check_axis_name(axis_name)
+        out_shapes = _abstract_outputs(fun, (params,), "fun")
         _checks.check_outputs(out_shapes, "fun")
+        _check_ce_outputs(out_shapes, loss, "fun")
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, out_shapes))
         if streamed:
             # Bounded memory: tangent k depends only on fold_in(key, k), so each chunk is drawn, pushed and
@@ -198,9 +291,10 @@ def value_and_sofo_grad(
                 fun, (params,), (tangents,), tangent_chunk_size, tangent_sharding
             )
             project = lambda c: _solve.combine(tangents, c)  # noqa: E731
+        output_tangents, scale = _rescale_for_overflow(output_tangents, dtype, axis_name)
         value, directional = _loss_directions(loss_fn, outputs, output_tangents)
         curvature = _curvature.sketch(loss, loss_fn, outputs, output_tangents, dtype)
-        return _finish(value, directional, curvature, project, damping, axis_name)
+        return _finish(value, directional, curvature, lambda c: project(c / scale), damping, axis_name)
 
     return value_and_direction
 
@@ -245,13 +339,18 @@ def value_and_sofo_grad_scan(
       `ys` time-major pytrees of equal leading length T; `damping` and `memory` as in
       `value_and_sofo_grad`. The initial latent `z0` is not differentiated (make it a parameter of `cell` to
       learn it). With the same key it draws the same tangents as `value_and_sofo_grad`, so on the unrolled
-      rollout with the summed loss both give the same direction.
+      rollout with the summed loss both give the same direction. Non-float leaves of the latent (an int
+      step counter, a bool mask) are carried through without tangents. With T = 0 steps the loss is the
+      empty sum, 0, and the direction is zero. NaN/inf behave as in `value_and_sofo_grad`; the overflow
+      rescaling there is not applied per time step here.
 
     References:
       Yu et al., NeurIPS 2024, Section 3 (recurrent networks).
     """
     _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding)
     default_damping = damping
+    _check_callable(cell, "cell", "cell(params, z, x) -> (z_new, y)")
+    _check_callable(loss_fn, "loss_fn", "loss_fn(y_t, ys_t) -> scalar")
 
     def check_cell(params, z0, xs, ys):
         t_xs, t_ys = _leading_length(xs, "xs"), _leading_length(ys, "ys")
@@ -261,9 +360,10 @@ def value_and_sofo_grad_scan(
             raise ValueError(
                 f"xs and ys must have the same leading (time) length; got {t_xs} for xs and {t_ys} for ys."
             )
-        x0 = jax.tree_util.tree_map(lambda a: a[0], xs)
-        y0 = jax.tree_util.tree_map(lambda a: a[0], ys)
-        result = jax.eval_shape(cell, params, z0, x0)
+        # One time step's shapes, without indexing (T may be 0).
+        x0 = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs)
+        y0 = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), ys)
+        result = _abstract_outputs(cell, (params, z0, x0), "cell")
         if not (isinstance(result, (tuple, list)) and len(result) == 2):
             raise TypeError(
                 f"cell must return a pair (z_new, y); got {type(result).__name__}. Write the cell as "
@@ -278,23 +378,43 @@ def value_and_sofo_grad_scan(
                 f"z0 is {z_spec} but cell returned {z_new_spec}."
             )
         _checks.check_outputs(y, "cell (its y output)")
+        _check_ce_outputs(y, loss, "cell (its y output)")
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, y, y0))
 
     def value_and_direction(key, params, z0, xs, ys, *, damping=None, memory=None):
         key, damping, dtype = _prepare(key, params, tangent_size, sampler, damping, default_damping, memory)
+        _check_axis_name(axis_name)
         check_cell(params, z0, xs, ys)
         tangents = _tangents.sample(key, params, tangent_size, sampler, memory=memory)
-        latent_tangents = jax.tree_util.tree_map(
-            lambda a: jnp.zeros((tangent_size,) + jnp.shape(a), jnp.result_type(a)), z0
-        )
+        # Non-float latent leaves (counters, masks) are carried without tangents: only the float ones are
+        # differentiated, the others are closed over and passed through.
+        z_leaves, z_def = jax.tree_util.tree_flatten(z0)
+        is_float = [jnp.issubdtype(jnp.result_type(a), jnp.inexact) for a in z_leaves]
+        latent_tangents = [
+            jnp.zeros((tangent_size,) + jnp.shape(a), jnp.result_type(a)) for a, f in zip(z_leaves, is_float) if f
+        ]
+
+        def merge(floats, others):
+            floats, others = iter(floats), iter(others)
+            return [next(floats) if f else next(others) for f in is_float]
+
+        def split(leaves):
+            return [a for a, f in zip(leaves, is_float) if f], [a for a, f in zip(leaves, is_float) if not f]
 
         def step(carry, inputs):
             z, z_tangents, value, directional, curvature = carry
             x, target = inputs
-            (z_new, y), (z_tangents, y_tangents) = _push(
-                lambda p, zz: cell(p, zz, x), (params, z), (tangents, z_tangents), tangent_chunk_size,
-                tangent_sharding,
+            z_floats, z_others = split(jax.tree_util.tree_leaves(z))
+
+            def float_cell(p, floats):
+                z_new, y = cell(p, jax.tree_util.tree_unflatten(z_def, merge(floats, z_others)), x)
+                new_floats, new_others = split(jax.tree_util.tree_leaves(z_new))
+                return new_floats, new_others, y
+
+            (new_floats, new_others, y), (z_tangents, _, y_tangents) = _push(
+                float_cell, (params, z_floats), (tangents, z_tangents), tangent_chunk_size, tangent_sharding,
             )
+            z_new = jax.tree_util.tree_unflatten(z_def, merge(new_floats, new_others))
             step_loss = lambda out: loss_fn(out, target)  # noqa: E731
             step_value, step_directional = _loss_directions(step_loss, y, y_tangents)
             step_curvature = _curvature.sketch(loss, step_loss, y, y_tangents, dtype)

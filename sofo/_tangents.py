@@ -75,17 +75,21 @@ def sample(
             raw = jax.random.normal(jax.random.fold_in(key, index), (sum(sizes),), dtype)
             if sampler == "normal":
                 raw = raw / jnp.linalg.norm(raw)
-                return [raw[a:b].reshape(shape) for a, b, shape in zip(offsets, offsets[1:], shapes)]
+                # Non-empty leaves only: lax.map cannot batch an empty output (it divides by its size).
+                return [raw[a:b].reshape(shape) for a, b, shape in zip(offsets, offsets[1:], shapes) if a < b]
             blocks = []
             for a, b, shape, share in zip(offsets, offsets[1:], shapes, shares):
-                block = raw[a:b]
-                norm = jnp.linalg.norm(block) if b > a else jnp.ones((), dtype)
-                blocks.append((block * (np.sqrt(share) / norm)).reshape(shape))
+                if a < b:
+                    block = raw[a:b]
+                    blocks.append((block * (np.sqrt(share) / jnp.linalg.norm(block))).reshape(shape))
             return blocks
 
         # Small vmapped batches under lax.map: the same tangents as one vmap over all K, but the PRNG's
         # K x n work buffers and a flat K x n copy are never live at once (they set the scan engine's peak).
-        blocks = jax.lax.map(one, indices, batch_size=min(16, indices.shape[0]))
+        filled = iter(jax.lax.map(one, indices, batch_size=min(16, indices.shape[0])))
+        blocks = [
+            next(filled) if size else jnp.zeros(indices.shape + shape, dtype) for size, shape in zip(sizes, shapes)
+        ]
         count = memory_count(memory)
         if count:
             # Tangent k < m is memory k (unit norm) unless that memory slot is still empty.
@@ -95,7 +99,8 @@ def sample(
             use = (indices < count) & (norms[slot] > 0)
             unit = flat_memory[slot] / jnp.where(norms[slot] > 0, norms[slot], 1)[:, None]
             blocks = [
-                jnp.where(use.reshape((-1,) + (1,) * len(shape)), unit[:, a:b].reshape((-1,) + shape), block)
+                jnp.where(use.reshape((-1,) + (1,) * len(shape)), unit[:, a:b].reshape(block.shape), block)
+                if b > a else block
                 for block, a, b, shape in zip(blocks, offsets, offsets[1:], shapes)
             ]
     elif sampler == "orthonormal":
