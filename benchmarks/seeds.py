@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.optimizers import Optimizer, optimizers_for
-from benchmarks.suite import Run, _chunk_size, first_reach
+from benchmarks.suite import Run, _chunk_size, first_reach, run_chunks
 from benchmarks.tasks import TASKS, Problem
 
 BLOW_UP = 10.0  # a run blows up when its loss ever exceeds this many times its initial loss (or is not finite)
@@ -116,17 +116,10 @@ def train_seeds(
             compile_s += time.perf_counter() - tic
         step, final = compiled[cache_key]
         for lr in learning_rates:
-            state, losses, seconds, chunk_ms = state0, [], [0.0], []
-            for _ in range(iterations // chunk):
-                tic = time.perf_counter()
-                state, chunk_losses = step(state, jnp.float32(lr), data)
-                chunk_losses = np.asarray(jax.block_until_ready(chunk_losses))
-                elapsed = time.perf_counter() - tic
-                losses.extend(chunk_losses.tolist())
-                seconds.extend((seconds[-1] + elapsed * np.arange(1, chunk + 1) / chunk).tolist())
-                chunk_ms.append(1e3 * elapsed / chunk)
-                if progress is not None:
-                    progress(chunk, f"{problem.name} | seed {seed} | {label} | lr={lr:g} | loss={losses[-1]:.3g}")
+            state, losses, seconds, chunk_ms = run_chunks(
+                lambda s, lr=lr: step(s, jnp.float32(lr), data), state0, iterations // chunk, chunk, progress,
+                f"{problem.name} | seed {seed} | {label} | lr={lr:g}",
+            )
             losses.append(float(final(state[0], data)))
             results.setdefault(float(lr), []).append(
                 Run(

@@ -54,6 +54,25 @@ def _chunk_size(iterations: int) -> int:
     return 1
 
 
+def run_chunks(step, state, count, chunk, progress, description):
+    """Runs `count` compiled chunks of `chunk` steps, each timed with `block_until_ready`; returns the
+    final state, the loss before every step, the cumulative seconds after every step (starting at 0) and
+    the milliseconds per step of each chunk."""
+    losses, seconds, chunk_ms = [], [0.0], []
+    for _ in range(count):
+        tic = time.perf_counter()
+        state, chunk_losses = step(state)
+        chunk_losses = np.asarray(jax.block_until_ready(chunk_losses))
+        elapsed = time.perf_counter() - tic
+        losses.extend(chunk_losses.tolist())
+        # Spread the chunk's time evenly over its steps for the loss-vs-time curve.
+        seconds.extend((seconds[-1] + elapsed * np.arange(1, chunk + 1) / chunk).tolist())
+        chunk_ms.append(1e3 * elapsed / chunk)
+        if progress is not None:
+            progress(chunk, f"{description} | loss={losses[-1]:.3g}")
+    return state, losses, seconds, chunk_ms
+
+
 def train(
     problem: Problem,
     optimizer: Optimizer,
@@ -78,18 +97,10 @@ def train(
 
     runs = []
     for lr in learning_rates:
-        state, losses, seconds, chunk_ms = state0, [], [0.0], []
-        for i in range(iterations // chunk):
-            tic = time.perf_counter()
-            state, chunk_losses = compiled(state, jnp.float32(lr))
-            chunk_losses = np.asarray(jax.block_until_ready(chunk_losses))
-            elapsed = time.perf_counter() - tic
-            losses.extend(chunk_losses.tolist())
-            # Spread the chunk's time evenly over its steps for the loss-vs-time curve.
-            seconds.extend((seconds[-1] + elapsed * np.arange(1, chunk + 1) / chunk).tolist())
-            chunk_ms.append(1e3 * elapsed / chunk)
-            if progress is not None:
-                progress(chunk, f"{problem.name} | {optimizer.label} | lr={lr:g} | loss={losses[-1]:.3g}")
+        state, losses, seconds, chunk_ms = run_chunks(
+            lambda s, lr=lr: compiled(s, jnp.float32(lr)), state0, iterations // chunk, chunk, progress,
+            f"{problem.name} | {optimizer.label} | lr={lr:g}",
+        )
         params = state[0]
         losses.append(float(objective(params)))
         metrics = problem.metrics(params) if problem.metrics is not None else {}
