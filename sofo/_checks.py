@@ -60,6 +60,16 @@ def check_damping(damping: Any, name: str = "damping") -> None:
         raise ValueError(message)
 
 
+def check_memory_size(memory_size: Any, tangent_size: int, prefix: str = "") -> None:
+    """Validates `memory_size`: an int between 0 and K (remembered directions replace random tangents)."""
+    if isinstance(memory_size, bool) or not isinstance(memory_size, int) or not 0 <= memory_size <= tangent_size:
+        raise ValueError(
+            f"{prefix}memory_size must be an int between 0 and tangent_size={tangent_size} (past directions that "
+            f"replace that many random tangents); got {memory_size!r}. Pass e.g. memory_size=1 (under "
+            f"optax.inject_hyperparams, list it in static_args: it sets the state's shape)."
+        )
+
+
 def check_chunk_size(tangent_chunk_size: Any) -> None:
     """Validates `tangent_chunk_size` (None, or a positive int)."""
     if tangent_chunk_size is None:

@@ -124,12 +124,7 @@ def transform(
     _checks.check_chunk_size(tangent_chunk_size)
     adaptive = _adaptive.check_adaptive(adaptive_damping)
     check_step_size(step_size)
-    if isinstance(memory_size, bool) or not isinstance(memory_size, int) or not 0 <= memory_size <= tangent_size:
-        raise ValueError(
-            f"memory_size must be an int between 0 and tangent_size={tangent_size} (past directions that "
-            f"replace that many random tangents); got {memory_size!r}. Pass e.g. memory_size=1 (under "
-            f"optax.inject_hyperparams, list it in static_args: it sets the state's shape)."
-        )
+    _checks.check_memory_size(memory_size, tangent_size)
     key = _checks.as_key(key)
     config = dict(
         tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size

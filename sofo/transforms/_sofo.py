@@ -87,11 +87,7 @@ class AdaptiveState:
         _optax.check_step_size(step_size)
         if callable(step_size):
             raise ValueError(f"{transform}: step_size must be a positive float here (no step count is kept).")
-        if isinstance(memory_size, bool) or not isinstance(memory_size, int) or not 0 <= memory_size <= tangent_size:
-            raise ValueError(
-                f"{transform}: memory_size must be an int between 0 and tangent_size={tangent_size}; got "
-                f"{memory_size!r}."
-            )
+        _checks.check_memory_size(memory_size, tangent_size, f"{transform}: ")
         self.transform = transform
         self.step_size = float(step_size)
         self.memory_size = memory_size
