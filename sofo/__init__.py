@@ -4,6 +4,7 @@ Gauss-Newton steps in a random K-dimensional subspace, computed with forward-mod
 (Yu, Xia, Ma, Lengyel & Hennequin, NeurIPS 2024).
 """
 
+from sofo._curvature import CurvatureWarning
 from sofo._engine import SofoInfo, value_and_sofo_grad, value_and_sofo_grad_scan
 from sofo import transforms
 from sofo.transforms import State, sofo_grad
@@ -16,6 +17,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AdaptiveDamping",
+    "CurvatureWarning",
     "predicted_reduction",
     "sofo",
     "SofoInfo",

@@ -6,7 +6,7 @@ from typing import Any
 
 import optax
 
-from sofo import _adaptive, _optax
+from sofo import _adaptive, _checks, _optax
 
 # The recommended configuration: Levenberg-Marquardt damping from DEFAULT_DAMPING, and up to
 # DEFAULT_MEMORY_SIZE remembered directions (at most a quarter of the tangents).
@@ -23,13 +23,14 @@ def sofo(
     learning_rate: Any = 1.0,
     *,
     tangent_size: int = 100,
-    loss: str = "mse",
+    curvature: str | None = None,
     key: Any = 0,
     sampler: str = "balanced",
     damping: float = DEFAULT_DAMPING,
     adaptive_damping: bool | _adaptive.AdaptiveDamping = True,
     memory_size: int | None = None,
     tangent_chunk_size: int | None = None,
+    loss: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOFO with adaptive (Levenberg-Marquardt) damping and subspace memory, as an optax optimiser.
 
@@ -53,7 +54,10 @@ def sofo(
       learning_rate: the step size (a float or an optax schedule). 1.0, the full damped Gauss-Newton
         step, is the recommended value; the adaptive damping then acts as a trust region.
       tangent_size: K, the number of tangents per step (random ones plus `memory_size` remembered ones).
-      loss: the curvature form, "mse", "ce" or "exact" (see `sofo.value_and_sofo_grad`).
+      curvature: the curvature form: "exact" (the default: the Hessian of `loss_fn` itself, right for any
+        loss, masked or weighted ones included), or the fast paths "mse" (0.5 * mean squared error) and
+        "ce" (mean softmax cross-entropy), which are checked against `loss_fn` every step and warn
+        (`sofo.CurvatureWarning`) when they do not match it (see `sofo.value_and_sofo_grad`).
       key: a `jax.random.key`, a legacy `PRNGKey` or an int seed.
       sampler: "balanced" (default: Gaussian tangents whose share in each parameter array grows with the
         square root of its size, so readouts and biases are explored too), "layerwise", "normal" or
@@ -64,6 +68,7 @@ def sofo(
       memory_size: how many past update directions replace random tangents (0 for none); None (default)
         for min(4, tangent_size // 4).
       tangent_chunk_size: push the tangents through the model this many at a time to bound memory.
+      loss: the old name of `curvature` (deprecated: a DeprecationWarning; it still works).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; its state is `(SofoState, ScaleByScheduleState or
@@ -74,13 +79,14 @@ def sofo(
       networks for neuroscience", NeurIPS 2024; More, "The Levenberg-Marquardt algorithm: implementation and
       theory", 1978.
     """
+    curvature = _checks.resolve_curvature(curvature, loss, "sofo.sofo")
     if memory_size is None:
         memory_size = default_memory_size(tangent_size)
     return optax.chain(
         _optax.transform(
             tangent_size=tangent_size,
             damping=damping,
-            loss=loss,
+            curvature=curvature,
             sampler=sampler,
             key=key,
             tangent_chunk_size=tangent_chunk_size,

@@ -4,17 +4,44 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-LOSSES = ("mse", "ce", "exact")
+CURVATURES = ("exact", "mse", "ce")
+DEFAULT_CURVATURE = "exact"
 SAMPLERS = ("normal", "layerwise", "balanced", "orthonormal")
 
 
-def check_config(*, tangent_size: Any, damping: Any, loss: Any, sampler: Any) -> None:
+def resolve_curvature(curvature: Any, loss: Any, where: str, *, deprecated: bool = True) -> Any:
+    """The curvature form from `curvature=` and the older `loss=`; "exact" when neither is given.
+
+    `loss=` named the curvature form, not the loss (it sits beside `loss_fn`), so it is now `curvature=`.
+    Where `deprecated`, passing `loss=` warns (DeprecationWarning) and still works. The brainstate- and
+    braintools-style fronts keep `loss` as their own name for it (`deprecated=False`).
+    """
+    if loss is not None:
+        if deprecated:
+            warnings.warn(
+                f"{where}: loss={loss!r} is deprecated and will be removed in a future release; the argument names "
+                f"the curvature form, not the loss, so pass curvature={loss!r} instead (or leave it out: the "
+                f"default, curvature='exact', is exact for any loss_fn).",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        if curvature is not None and curvature != loss:
+            raise ValueError(
+                f"{where}: curvature={curvature!r} and loss={loss!r} disagree; they are the same option (loss= is "
+                f"its old name). Pass only curvature=."
+            )
+        curvature = loss
+    return DEFAULT_CURVATURE if curvature is None else curvature
+
+
+def check_config(*, tangent_size: Any, damping: Any, curvature: Any, sampler: Any) -> None:
     """Validates the engine's hyperparameters."""
     if isinstance(tangent_size, bool) or not isinstance(tangent_size, numbers.Integral) or tangent_size < 1:
         raise ValueError(
@@ -22,10 +49,12 @@ def check_config(*, tangent_size: Any, damping: Any, loss: Any, sampler: Any) ->
             f"got {tangent_size!r}. Pass e.g. tangent_size=100."
         )
     check_damping(damping)
-    if not isinstance(loss, str) or loss not in LOSSES:
+    if not isinstance(curvature, str) or curvature not in CURVATURES:
         raise ValueError(
-            f"loss={loss!r} is not a known curvature; choose one of {', '.join(map(repr, LOSSES))} "
-            f"('mse' for 0.5*mean squared error, 'ce' for softmax cross-entropy, 'exact' for any loss)."
+            f"curvature={curvature!r} is not a known curvature form; choose one of "
+            f"{', '.join(map(repr, CURVATURES))} ('exact', the default, is the Hessian of loss_fn itself and is "
+            f"right for any loss; 'mse' assumes 0.5*mean-over-batch squared error, 'ce' mean softmax "
+            f"cross-entropy: faster, and checked against loss_fn every step)."
         )
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(

@@ -48,8 +48,8 @@ def _prepare(key, params, tangent_size, sampler, damping, default_damping, memor
     return key, damping, _tangents.compute_dtype(params)
 
 
-def _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding):
-    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+def _check_options(tangent_size, damping, curvature, sampler, tangent_chunk_size, tangent_sharding):
+    _checks.check_config(tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
     _checks.check_chunk_size(tangent_chunk_size)
     _checks.check_tangent_sharding(tangent_sharding)
 
@@ -84,16 +84,16 @@ def _abstract_outputs(probe, args, name):
     return shapes
 
 
-def _check_ce_outputs(outputs, loss, name):
-    """loss='ce' needs logits with a class axis on every output leaf; checked on shapes, before any FLOPs."""
-    if loss != "ce":
+def _check_ce_outputs(outputs, curvature, name):
+    """curvature='ce' needs logits with a class axis on every output leaf; checked on shapes, before any FLOPs."""
+    if curvature != "ce":
         return
     for path, leaf in jax.tree_util.tree_flatten_with_path(outputs)[0]:
         if not leaf.shape:
             raise ValueError(
-                f"loss='ce' needs logits with a class axis (the last axis), but {name}'s "
+                f"curvature='ce' needs logits with a class axis (the last axis), but {name}'s "
                 f"output{jax.tree_util.keystr(path)} is a scalar. Return logits shaped (..., classes) or use "
-                f"loss='exact'."
+                f"curvature='exact' (the default)."
             )
 
 
@@ -200,11 +200,12 @@ def value_and_sofo_grad(
     *,
     tangent_size: int = 100,
     damping: float = 1e-5,
-    loss: str = "mse",
+    curvature: str | None = None,
     sampler: str = "normal",
     tangent_chunk_size: int | None = None,
     axis_name: Any = None,
     tangent_sharding: jax.sharding.NamedSharding | None = None,
+    loss: str | None = None,
 ) -> Callable[[Any, Any], tuple[jax.Array, Any, SofoInfo]]:
     """Builds the SOFO step for `loss_fn(fun(params))`.
 
@@ -213,9 +214,15 @@ def value_and_sofo_grad(
       loss_fn: `loss_fn(outputs) -> scalar`.
       tangent_size: K, the number of random tangent directions per step.
       damping: relative damping; the curvature sketch is damped by `damping * max_eig`.
-      loss: the curvature form: "mse" (H_L = I/B, B the outputs' leading-axis size), "ce" (softmax
-        cross-entropy over the last axis, averaged over all other axes) or "exact" (the Hessian of
-        `loss_fn` itself, by forward-over-reverse on the loss only; negative curvature is clipped).
+      curvature: the curvature form H_L in the Gauss-Newton sketch (JV)^T H_L (JV). "exact" (the default,
+        also for None): the Hessian of `loss_fn` itself with respect to the outputs, by forward-over-reverse
+        on the loss only (K Hessian-vector products of the loss; the network is not run again), right for
+        any loss: masks or weights in the targets, sums, Huber, Poisson, ...; negative curvature is
+        clipped. "mse": H_L = I/B, B the outputs' leading-axis size, right only for
+        0.5 * mean_batch(sum_rest (y - t)^2). "ce": softmax cross-entropy over the last axis, averaged over
+        all other axes. The two fast paths are checked every step against `loss_fn` along one probe
+        direction (one Hessian-vector product of the loss), and a mismatch raises a `CurvatureWarning`
+        naming the fix.
       sampler: "normal" (unit-norm Gaussian tangents), "layerwise" (Gaussian tangents whose every leaf
         holds an equal share of the unit norm, so small leaves such as readouts and biases are explored as
         much as large ones), "balanced" (each leaf's share of the squared norm proportional to the square
@@ -232,6 +239,7 @@ def value_and_sofo_grad(
       tangent_sharding: a `NamedSharding` whose spec names a mesh axis first, e.g.
         `NamedSharding(mesh, PartitionSpec("k"))`: the K tangents (and their output tangents) are split
         over that axis under `jax.jit`, for large K.
+      loss: the old name of `curvature` (deprecated: a DeprecationWarning; it still works).
 
     Returns:
       `f(key, params, *, damping=None, memory=None) -> (value, direction, info)`:
@@ -257,7 +265,8 @@ def value_and_sofo_grad(
     References:
       Yu et al., NeurIPS 2024, Algorithm 1.
     """
-    _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding)
+    curvature = _checks.resolve_curvature(curvature, loss, "sofo.value_and_sofo_grad")
+    _check_options(tangent_size, damping, curvature, sampler, tangent_chunk_size, tangent_sharding)
     default_damping = damping
     _check_callable(fun, "fun", "fun(params) -> outputs")
     _check_callable(loss_fn, "loss_fn", "loss_fn(outputs) -> scalar")
@@ -269,7 +278,7 @@ def value_and_sofo_grad(
         _check_axis_name(axis_name)
         out_shapes = _abstract_outputs(fun, (params,), "fun")
         _checks.check_outputs(out_shapes, "fun")
-        _check_ce_outputs(out_shapes, loss, "fun")
+        _check_ce_outputs(out_shapes, curvature, "fun")
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, out_shapes))
         if streamed:
             # Bounded memory: tangent k depends only on fold_in(key, k), so each chunk is drawn, pushed and
@@ -293,8 +302,11 @@ def value_and_sofo_grad(
             project = lambda c: _solve.combine(tangents, c)  # noqa: E731
         output_tangents, scale = _rescale_for_overflow(output_tangents, dtype, axis_name)
         value, directional = _loss_directions(loss_fn, outputs, output_tangents)
-        curvature = _curvature.sketch(loss, loss_fn, outputs, output_tangents, dtype)
-        return _finish(value, directional, curvature, lambda c: project(c / scale), damping, axis_name)
+        sketch = _curvature.sketch(curvature, loss_fn, outputs, output_tangents, dtype)
+        _curvature.warn_on_mismatch(
+            curvature, _curvature.fast_path_mismatch(curvature, loss_fn, outputs, output_tangents, dtype), "sofo"
+        )
+        return _finish(value, directional, sketch, lambda c: project(c / scale), damping, axis_name)
 
     return value_and_direction
 
@@ -314,11 +326,12 @@ def value_and_sofo_grad_scan(
     *,
     tangent_size: int = 100,
     damping: float = 1e-5,
-    loss: str = "mse",
+    curvature: str | None = None,
     sampler: str = "normal",
     tangent_chunk_size: int | None = None,
     axis_name: Any = None,
     tangent_sharding: jax.sharding.NamedSharding | None = None,
+    loss: str | None = None,
 ) -> Callable[[Any, Any, Any, Any, Any], tuple[jax.Array, Any, SofoInfo]]:
     """Builds the recurrent SOFO step for sum_t loss_fn(y_t, ys[t]) with memory constant in T.
 
@@ -328,11 +341,12 @@ def value_and_sofo_grad_scan(
     Args:
       cell: `cell(params, z, x) -> (z_new, y)`; the latent `z` may be any pytree, but its structure,
         shapes and dtypes must not change between steps.
-      loss_fn: `loss_fn(y_t, ys_t) -> scalar`; the total loss is its SUM over time (put masks or
-        per-step weights in `ys`).
-      tangent_size, damping, loss, sampler, tangent_chunk_size, axis_name, tangent_sharding: as in
-        `value_and_sofo_grad`; the curvature form applies to each step's loss (so "mse" uses B = the
-        leading-axis size of y_t), and chunking applies to each step's forward pass.
+      loss_fn: `loss_fn(y_t, ys_t) -> scalar`; the total loss is its SUM over time. Masks or per-step
+        weights may go in `ys`: the default curvature ("exact") takes them into account.
+      tangent_size, damping, curvature, sampler, tangent_chunk_size, axis_name, tangent_sharding, loss: as
+        in `value_and_sofo_grad`; the curvature form applies to each step's loss (so "mse" uses B = the
+        leading-axis size of y_t, and its check runs on every step), and chunking applies to each step's
+        forward pass.
 
     Returns:
       `f(key, params, z0, xs, ys, *, damping=None, memory=None) -> (value, direction, info)` with `xs`,
@@ -347,7 +361,8 @@ def value_and_sofo_grad_scan(
     References:
       Yu et al., NeurIPS 2024, Section 3 (recurrent networks).
     """
-    _check_options(tangent_size, damping, loss, sampler, tangent_chunk_size, tangent_sharding)
+    curvature = _checks.resolve_curvature(curvature, loss, "sofo.value_and_sofo_grad_scan")
+    _check_options(tangent_size, damping, curvature, sampler, tangent_chunk_size, tangent_sharding)
     default_damping = damping
     _check_callable(cell, "cell", "cell(params, z, x) -> (z_new, y)")
     _check_callable(loss_fn, "loss_fn", "loss_fn(y_t, ys_t) -> scalar")
@@ -378,7 +393,7 @@ def value_and_sofo_grad_scan(
                 f"z0 is {z_spec} but cell returned {z_new_spec}."
             )
         _checks.check_outputs(y, "cell (its y output)")
-        _check_ce_outputs(y, loss, "cell (its y output)")
+        _check_ce_outputs(y, curvature, "cell (its y output)")
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, y, y0))
 
     def value_and_direction(key, params, z0, xs, ys, *, damping=None, memory=None):
@@ -402,7 +417,7 @@ def value_and_sofo_grad_scan(
             return [a for a, f in zip(leaves, is_float) if f], [a for a, f in zip(leaves, is_float) if not f]
 
         def step(carry, inputs):
-            z, z_tangents, value, directional, curvature = carry
+            z, z_tangents, value, directional, sketch, mismatch = carry
             x, target = inputs
             z_floats, z_others = split(jax.tree_util.tree_leaves(z))
 
@@ -417,13 +432,15 @@ def value_and_sofo_grad_scan(
             z_new = jax.tree_util.tree_unflatten(z_def, merge(new_floats, new_others))
             step_loss = lambda out: loss_fn(out, target)  # noqa: E731
             step_value, step_directional = _loss_directions(step_loss, y, y_tangents)
-            step_curvature = _curvature.sketch(loss, step_loss, y, y_tangents, dtype)
+            step_sketch = _curvature.sketch(curvature, step_loss, y, y_tangents, dtype)
+            step_mismatch = _curvature.fast_path_mismatch(curvature, step_loss, y, y_tangents, dtype)
             return (
                 z_new,
                 z_tangents,
                 value + step_value,
                 directional + step_directional.astype(dtype),
-                curvature + step_curvature,
+                sketch + step_sketch,
+                jnp.maximum(mismatch, step_mismatch),
             ), None
 
         init = (
@@ -432,9 +449,11 @@ def value_and_sofo_grad_scan(
             jnp.zeros((), dtype),
             jnp.zeros((tangent_size,), dtype),
             jnp.zeros((tangent_size, tangent_size), dtype),
+            jnp.zeros((), dtype),
         )
-        (_, _, value, directional, curvature), _ = jax.lax.scan(step, init, (xs, ys))
+        (_, _, value, directional, sketch, mismatch), _ = jax.lax.scan(step, init, (xs, ys))
+        _curvature.warn_on_mismatch(curvature, mismatch, "sofo (recurrent)")
         project = lambda c: _solve.combine(tangents, c)  # noqa: E731
-        return _finish(value, directional, curvature, project, damping, axis_name)
+        return _finish(value, directional, sketch, project, damping, axis_name)
 
     return value_and_direction

@@ -57,13 +57,14 @@ def transform(
     *,
     tangent_size: int = 100,
     damping: float = 1e-5,
-    loss: str = "mse",
+    curvature: str | None = None,
     sampler: str = "normal",
     key: Any = 0,
     tangent_chunk_size: int | None = None,
     adaptive_damping: bool | _adaptive.AdaptiveDamping = False,
     step_size: Any = 1.0,
     memory_size: int = 0,
+    loss: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOFO's damped Gauss-Newton direction in a random K-dimensional subspace, as an optax transform.
 
@@ -91,8 +92,10 @@ def transform(
     Args:
       tangent_size: K, the number of random tangents per step.
       damping: relative damping; the curvature sketch is damped by `damping * max_eig`.
-      loss: the curvature form, "mse", "ce" or "exact" (see `sofo.value_and_sofo_grad`).
-      sampler: "normal", "layerwise" or "orthonormal" tangents (see `sofo.value_and_sofo_grad`).
+      curvature: the curvature form: "exact" (the default: the Hessian of `loss_fn`, right for any loss),
+        or the fast paths "mse" and "ce", checked against `loss_fn` every step (see
+        `sofo.value_and_sofo_grad`).
+      sampler: "normal", "layerwise", "balanced" or "orthonormal" tangents (see `sofo.value_and_sofo_grad`).
       key: a `jax.random.key`, a legacy `PRNGKey` or an int seed. Step t draws its tangents from
         `jax.random.split(key_t)[1]` and keeps `[0]` as `key_{t+1}`: the same key gives the same
         trajectory.
@@ -112,6 +115,7 @@ def transform(
       memory_size: m, the number of past update directions (unit norm, newest first) that replace m of
         the K random tangents each step, carrying curvature information across steps. The state then
         holds m parameter-sized buffers. 0 (default) for none; at most `tangent_size`.
+      loss: the old name of `curvature` (deprecated: a DeprecationWarning; it still works).
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state is a `SofoState`.
@@ -120,14 +124,19 @@ def transform(
       Yu, Xia, Ma, Lengyel & Hennequin, "Second-order forward-mode optimization of recurrent neural
       networks for neuroscience", NeurIPS 2024.
     """
-    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    curvature = _checks.resolve_curvature(curvature, loss, "sofo.transform")
+    _checks.check_config(tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
     _checks.check_chunk_size(tangent_chunk_size)
     adaptive = _adaptive.check_adaptive(adaptive_damping)
     check_step_size(step_size)
     _checks.check_memory_size(memory_size, tangent_size)
     key = _checks.as_key(key)
     config = dict(
-        tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
+        tangent_size=tangent_size,
+        damping=damping,
+        curvature=curvature,
+        sampler=sampler,
+        tangent_chunk_size=tangent_chunk_size,
     )
 
     def init_fn(params):

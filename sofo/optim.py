@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from sofo import _alias
+from sofo import _alias, _checks
 from sofo.transforms import _state, _wrapper
 from sofo.transforms._wrapper import Record
 
@@ -43,7 +43,7 @@ class _Optimizer:
         tangent_size: int = 100,
         *,
         damping: float = _alias.DEFAULT_DAMPING,
-        loss: str = "mse",
+        loss: str | None = None,
         sampler: str = "balanced",
         key: Any = 0,
         tangent_chunk_size: int | None = None,
@@ -59,7 +59,9 @@ class _Optimizer:
         self.lr = lr
         if optimizer is None:
             optimizer = _default_optimizer(
-                lr, tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, key=key,
+                lr, tangent_size=tangent_size, damping=damping,
+                curvature=_checks.resolve_curvature(None, loss, f"sofo.optim.{self._kind}", deprecated=False),
+                sampler=sampler, key=key,
                 tangent_chunk_size=tangent_chunk_size, adaptive_damping=adaptive_damping, memory_size=memory_size,
             )
         self.optimizer = optimizer
@@ -137,10 +139,12 @@ class SOFO(_Optimizer):
         or any function of `sofo.State`s / brainstate States).
       loss_fn: `loss_fn(outputs, targets) -> scalar`.
       lr: the learning rate: params <- params - lr * direction (1.0, the recommended value, by default).
-      tangent_size, damping, loss, sampler, key, tangent_chunk_size, adaptive_damping, memory_size: as in
+      tangent_size, damping, sampler, key, tangent_chunk_size, adaptive_damping, memory_size: as in
         `sofo.sofo`, which is what runs by default (its recommended configuration: Levenberg-Marquardt
         damping from 1e-2, subspace memory, balanced tangents; a rejected step leaves the States as they
         were).
+      loss: the curvature form (braintools' name for `sofo.sofo`'s `curvature`): None (default) for
+        "exact", right for any `loss_fn`; "mse" or "ce" for the fast paths, checked against `loss_fn`.
       optimizer: an optax transform with `update(updates, state, params, *, fun, loss_fn)` to use
         instead of the default (`lr` and the SOFO options are then ignored).
 

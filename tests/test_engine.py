@@ -229,7 +229,7 @@ def test_low_precision_params_keep_their_dtype(dtype):
 
 
 BAD_CONFIG = [
-    (dict(loss="l2"), ValueError, "loss='l2'.*'mse', 'ce', 'exact'"),
+    (dict(curvature="l2"), ValueError, "curvature='l2'.*'exact', 'mse', 'ce'"),
     (dict(sampler="uniform"), ValueError, "sampler='uniform'.*'normal', 'layerwise', 'balanced', 'orthonormal'"),
     (dict(tangent_size=0), ValueError, "tangent_size must be a positive int.*got 0"),
     (dict(tangent_size=-3), ValueError, "tangent_size.*got -3"),

@@ -136,13 +136,14 @@ def sofo_grad(
     has_aux: bool | None = None,
     return_value: bool = False,
     check_states: bool = True,
-    loss: str = "mse",
+    loss: str | None = None,
     tangent_size: int = 100,
     damping: float = 1e-5,
     key: Any = None,
     sampler: str = "normal",
     tangent_chunk_size: int | None = None,
     *,
+    curvature: str | None = None,
     adaptive_damping: Any = False,
     step_size: float = 1.0,
     memory_size: int = 0,
@@ -155,12 +156,15 @@ def sofo_grad(
     Args:
       fun: the model, `fun(*args, **kwargs) -> outputs` (or `(outputs, aux)` with has_aux); it may read
         its parameters from States.
-      loss_fn: `loss_fn(outputs) -> scalar`, the loss whose curvature `loss` describes.
+      loss_fn: `loss_fn(outputs) -> scalar`.
       grad_states, argnums, has_aux, return_value, check_states, grad_vars, dyn_vars, reduce_axes: as in
         `sofo.transforms.grad`; States may be `sofo.State`s or brainstate's own (e.g.
         `module.states(brainstate.ParamState)`). A state `fun` does not read (with check_states=False) gets
         a zero direction.
-      loss, tangent_size, damping, sampler, tangent_chunk_size: as in `sofo.value_and_sofo_grad`.
+      loss, curvature: the curvature form (`loss` is brainstate's name, `curvature` sofo's; pass one): as
+        `curvature` in `sofo.value_and_sofo_grad`. None (default) is "exact", right for any `loss_fn`;
+        "mse" and "ce" are fast paths checked against `loss_fn` (a `CurvatureWarning` when they differ).
+      tangent_size, damping, sampler, tangent_chunk_size: as in `sofo.value_and_sofo_grad`.
       key: a `jax.random.key`, legacy PRNGKey or int seed used for every call of the returned function
         (build the transform per step with a fresh key, e.g. inside a jitted step). With None, each call
         draws the next key of sofo's own sequence (seed it with `sofo.transforms.seed(n)`); a call that
@@ -194,11 +198,16 @@ def sofo_grad(
         return_value=return_value, check_states=check_states,
     )
     _check_loss_fn("sofo_grad", loss_fn)
-    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    curvature = _checks.resolve_curvature(curvature, loss, "sofo_grad", deprecated=False)
+    _checks.check_config(tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
     _checks.check_chunk_size(tangent_chunk_size)
     fixed_key = None if key is None else _checks.as_key(key)
     engine_options = dict(
-        tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
+        tangent_size=tangent_size,
+        damping=damping,
+        curvature=curvature,
+        sampler=sampler,
+        tangent_chunk_size=tangent_chunk_size,
     )
 
     adaptive = AdaptiveState("sofo_grad", adaptive_damping, step_size, memory_size, damping, tangent_size)
@@ -277,13 +286,14 @@ def sofo_grad_scan(
     has_aux: bool | None = None,
     return_value: bool = False,
     check_states: bool = True,
-    loss: str = "mse",
+    loss: str | None = None,
     tangent_size: int = 100,
     damping: float = 1e-5,
     key: Any = None,
     sampler: str = "normal",
     tangent_chunk_size: int | None = None,
     *,
+    curvature: str | None = None,
     adaptive_damping: Any = False,
     step_size: float = 1.0,
     memory_size: int = 0,
@@ -307,7 +317,8 @@ def sofo_grad_scan(
         memory_size, grad_vars, dyn_vars, reduce_axes: as in `sofo_grad` (with adaptive damping the extra
         evaluation is one rollout of the cell without tangents). With has_aux the per-step aux is returned stacked over time, as `lax.scan`
         stacks it (the cell is scanned once more, primal only, to produce it).
-      loss, tangent_size, damping, sampler, tangent_chunk_size: as in `sofo.value_and_sofo_grad_scan`.
+      loss, curvature, tangent_size, damping, sampler, tangent_chunk_size: as in `sofo_grad` and
+        `sofo.value_and_sofo_grad_scan`.
 
     Returns:
       A function returning the direction in the layout of `grad`'s return table (over grad_states and
@@ -334,11 +345,16 @@ def sofo_grad_scan(
         return_value=return_value, check_states=check_states,
     )
     _check_loss_fn(transform, loss_fn)
-    _checks.check_config(tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler)
+    curvature = _checks.resolve_curvature(curvature, loss, transform, deprecated=False)
+    _checks.check_config(tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
     _checks.check_chunk_size(tangent_chunk_size)
     fixed_key = None if key is None else _checks.as_key(key)
     engine_options = dict(
-        tangent_size=tangent_size, damping=damping, loss=loss, sampler=sampler, tangent_chunk_size=tangent_chunk_size
+        tangent_size=tangent_size,
+        damping=damping,
+        curvature=curvature,
+        sampler=sampler,
+        tangent_chunk_size=tangent_chunk_size,
     )
 
     adaptive = AdaptiveState(transform, adaptive_damping, step_size, memory_size, damping, tangent_size)
