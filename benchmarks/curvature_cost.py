@@ -8,12 +8,16 @@ round, median over rounds after a warm-up call):
   floor:  the K-tangent forward pass alone (`vmap(jvp)` of the model, or the scan carrying the latent
           and its K tangents): the work no SOFO step can avoid;
   fast:   a full SOFO step with the problem's fast path ("mse" or "ce"; it includes the per-step check
-          of that path against loss_fn, one Hessian-vector product of the loss);
+          of that path against loss_fn, one Hessian-vector product of the loss and a host callback
+          that fires only on a mismatch);
+  unchecked: the same fast-path step with the check patched out (for this measurement only: the
+          library has no switch for it), to show what the check costs;
   exact:  the same step with the default curvature="exact" (K Hessian-vector products of the loss, by
           forward-over-reverse on the loss alone).
 
 The table gives milliseconds per call (median, with the 25th-75th percentile range over rounds),
-exact / fast, and the extra cost of "exact" in units of the floor: (exact - fast) / floor.
+exact / fast, exact / unchecked, and the extra cost of "exact" over the unchecked fast path in units of
+the floor: (exact - unchecked) / floor.
 
 A second table (`--training`) shows why the default is "exact": `sofo.sofo` on a masked
 context-dependent integration task (the loss counts the response period only, through `ys`), at its
@@ -23,6 +27,7 @@ defaults against the same optimiser forced onto the old default, the "mse" fast 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import warnings
 
@@ -31,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sofo
-from sofo import _adaptive
+from sofo import _adaptive, _curvature
 from benchmarks import tasks
 from benchmarks.engine_overhead import machine_header, time_round_robin
 
@@ -68,8 +73,25 @@ def problems() -> list[tasks.Problem]:
     ]
 
 
+@contextlib.contextmanager
+def _unchecked():
+    """The engine without the fast-path check (patched out while a step is traced; measurement only)."""
+    saved = _curvature.warn_on_mismatch, _curvature.fast_path_mismatch
+    _curvature.warn_on_mismatch = lambda *args: None
+    _curvature.fast_path_mismatch = lambda curvature, loss_fn, outputs, tangents, dtype: jnp.zeros((), dtype)
+    try:
+        yield
+    finally:
+        _curvature.warn_on_mismatch, _curvature.fast_path_mismatch = saved
+
+
+def _compiled(fn, args):
+    """fn jitted and traced now (so a patch active at this point is what gets compiled)."""
+    return jax.jit(fn).lower(*args).compile()
+
+
 def calls(problem: tasks.Problem, tangent_size: int) -> dict:
-    """The floor, the fast-path step and the exact step of one problem, jitted, with their arguments."""
+    """The floor, the fast-path step (checked and unchecked) and the exact step of one problem, compiled."""
     key = jax.random.key(0)
     tangents = sofo._tangents.sample(key, problem.params, tangent_size, "balanced")
     out = {}
@@ -86,21 +108,23 @@ def calls(problem: tasks.Problem, tangent_size: int) -> dict:
             return jax.lax.scan(step, (problem.z0, dz0), problem.xs)[1].sum()
 
         out["floor"] = (jax.jit(floor), (problem.params, tangents))
-        for name, curvature in (("fast", problem.curvature), ("exact", "exact")):
-            engine = sofo.value_and_sofo_grad_scan(
-                problem.cell, problem.step_loss, tangent_size=tangent_size, damping=problem.damping,
-                curvature=curvature, sampler="balanced",
-            )
-            out[name] = (jax.jit(engine), (key, problem.params, problem.z0, problem.xs, problem.ys))
+        args = (key, problem.params, problem.z0, problem.xs, problem.ys)
+        build = lambda curvature: sofo.value_and_sofo_grad_scan(  # noqa: E731
+            problem.cell, problem.step_loss, tangent_size=tangent_size, damping=problem.damping,
+            curvature=curvature, sampler="balanced",
+        )
     else:
         floor = jax.vmap(lambda p, t: jax.jvp(problem.fun, (p,), (t,))[1], in_axes=(None, 0))
         out["floor"] = (jax.jit(floor), (problem.params, tangents))
-        for name, curvature in (("fast", problem.curvature), ("exact", "exact")):
-            engine = sofo.value_and_sofo_grad(
-                problem.fun, problem.loss_fn, tangent_size=tangent_size, damping=problem.damping,
-                curvature=curvature, sampler="balanced",
-            )
-            out[name] = (jax.jit(engine), (key, problem.params))
+        args = (key, problem.params)
+        build = lambda curvature: sofo.value_and_sofo_grad(  # noqa: E731
+            problem.fun, problem.loss_fn, tangent_size=tangent_size, damping=problem.damping,
+            curvature=curvature, sampler="balanced",
+        )
+    out["fast"] = (_compiled(build(problem.curvature), args), args)
+    with _unchecked():
+        out["unchecked"] = (_compiled(build(problem.curvature), args), args)
+    out["exact"] = (_compiled(build("exact"), args), args)
     return out
 
 
@@ -171,7 +195,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     print(machine_header())
     print(f"K = {args.tangent_size}, {args.rounds} rounds, wall ms per call: median [25th-75th percentile]\n")
-    header = f"{'problem':<44} {'fast':>5} {'floor':>18} {'fast step':>18} {'exact step':>18} {'exact/fast':>10} {'(exact-fast)/floor':>18}"
+    header = (f"{'problem':<44} {'fast':>5} {'floor':>18} {'fast step':>18} {'unchecked':>18} {'exact step':>18} "
+              f"{'exact/fast':>10} {'exact/unchecked':>15} {'(exact-unch.)/floor':>19}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -181,12 +206,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             wall, _ = time_round_robin(calls(problem, args.tangent_size), args.rounds)
             med = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
             row = dict(problem=problem.title, fast_form=problem.curvature, **{f"{k}_ms": v for k, v in med.items()},
-                       ratio=med["exact"] / med["fast"], extra_floors=(med["exact"] - med["fast"]) / med["floor"])
+                       ratio=med["exact"] / med["fast"], ratio_unchecked=med["exact"] / med["unchecked"],
+                       extra_floors=(med["exact"] - med["unchecked"]) / med["floor"])
             rows.append(row)
             spread = {k: np.percentile(np.asarray(v) * 1e3, [25, 75]) for k, v in wall.items()}
-            cells = [f"{med[k]:6.2f} [{spread[k][0]:.1f}-{spread[k][1]:.1f}]" for k in ("floor", "fast", "exact")]
-            print(f"{problem.title[:44]:<44} {problem.curvature:>5} {cells[0]:>18} {cells[1]:>18} {cells[2]:>18} "
-                  f"{row['ratio']:>10.2f} {row['extra_floors']:>18.2f}")
+            cells = [f"{med[k]:6.2f} [{spread[k][0]:.1f}-{spread[k][1]:.1f}]" for k in ("floor", "fast", "unchecked", "exact")]
+            print(f"{problem.title[:44]:<44} {problem.curvature:>5} " + " ".join(f"{c:>18}" for c in cells)
+                  + f" {row['ratio']:>10.2f} {row['ratio_unchecked']:>15.2f} {row['extra_floors']:>19.2f}")
     if args.training:
         training_table(args.seeds, args.iterations, args.tangent_size)
     return rows
