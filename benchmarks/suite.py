@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.optimizers import Optimizer, optimizers_for
+from benchmarks.optimizers import Optimizer, learning_rates, optimizers_for
 from benchmarks.tasks import TASKS, Problem
 
 
@@ -203,7 +203,7 @@ def run_task(
     for optimizer in optimizers_for(problem, seed=seed):
         if kinds is not None and optimizer.kind not in kinds:
             continue
-        grid = problem.learning_rates[optimizer.kind]
+        grid = learning_rates(problem, optimizer.kind)
         runs.extend(train(problem, optimizer, grid, iterations=iterations, progress=progress))
     return problem, runs
 
