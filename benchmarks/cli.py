@@ -170,7 +170,7 @@ def target_line(clocks: list, results: dict) -> str:
         return ""
     met = [c for c in rnn if c.met]
     ratios = ", ".join(
-        f"{c.task} {c.median_ratio:.1f}x" if np.isfinite(c.median_ratio) else f"{c.task} not within the budget"
+        f"{c.task} {c.median_ratio:.1f}x" if np.isfinite(c.median_ratio) else f"{c.task} not reached in the race"
         for c in rnn
     )
     verdict = "met" if 2 * len(met) >= len(rnn) else "not met"

@@ -267,3 +267,39 @@ def test_fewer_iterations_uses_adams_tail_mean_not_its_last_value():
     assert seeds.adam_targets(adam) == [2.0]
     assert comparison.adam_iterations == [19] and comparison.sofo_iterations == [4]
     assert comparison.speedup_spread() == "4.8x [4.8, 4.8]"
+
+
+def test_race_runs_everyone_until_adam_reaches_its_target_when_that_takes_longer_than_the_budget():
+    """Fake compiled chunks (each sleeps 20 ms for 2 steps): Adam reaches its target, 1.0, at step 8,
+    about 80 ms in, after the 20 ms budget; the other method must run at least that long too."""
+    import time as clock
+
+    from benchmarks import race
+
+    problem = tasks.flipflop(seed=0, quick=True, **dict(tiny_flipflop_sizes(), iterations=8))
+    adam_run = suite.Run("flipflop", "adam", "Adam (BPTT)", None, 0.01, np.asarray([5.0] * 8 + [1.0]), np.arange(9.0), np.ones(1), 0.0)
+    other_run = dataclasses.replace(adam_run, kind="sofo_lm", label="sofo.sofo K=6")
+    methods = {
+        "Adam (BPTT)": seeds.MethodRuns("flipflop", "adam", "Adam (BPTT)", 0.01, (0.01,), [adam_run]),
+        "sofo.sofo K=6": seeds.MethodRuns("flipflop", "sofo_lm", "sofo.sofo K=6", 1.0, (1.0,), [other_run]),
+    }
+
+    def fake(losses_of_step):
+        count = [0]
+
+        def step(state, lr, data):
+            clock.sleep(0.02)
+            losses = np.asarray([losses_of_step(count[0]), losses_of_step(count[0] + 1)])
+            count[0] += 2
+            return state, losses
+
+        return seeds.Compiled(2, {"shared": (step, lambda params, data: 9.0)})  # the loss after the last chunk
+
+    cache = {"Adam (BPTT)": fake(lambda k: 5.0 - 0.5 * k), "sofo.sofo K=6": fake(lambda k: 3.0)}
+    raced = race.race_seeds([problem], [0], methods, cache, budget=0.02, iterations=8)
+    (adam,), (other,) = raced["Adam (BPTT)"], raced["sofo.sofo K=6"]
+    adam_time = adam.seconds_to(1.0)
+    assert adam_time is not None and adam_time > 0.05 and adam.steps_by(adam_time) == 8
+    assert other.seconds[-1] >= adam_time and other.seconds_to(1.0) is None
+    (clock_row,) = race.wall_clock(raced, methods)
+    assert clock_row.ratios() == [np.inf] and not clock_row.met
