@@ -120,7 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1; got {args.seeds}")
     if args.cg_steps is None:
-        args.cg_steps = QUICK_CG_STEPS if args.quick else 30
+        from benchmarks.optimizers import HF_CG_STEPS
+
+        args.cg_steps = QUICK_CG_STEPS if args.quick else HF_CG_STEPS
     if args.cg_steps < 1:
         parser.error(f"--cg-steps must be at least 1; got {args.cg_steps}")
     if args.race_seconds is not None and not args.race_seconds > 0:
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {"cg_steps": args.cg_steps}
     if "hf" in args.methods:
         header += f"; Hessian-free runs {args.cg_steps} CG steps per iteration" + (
-            " (fewer than the full run's 30, to keep --quick short)" if args.cg_steps < 30 else ""
+            " (fewer than the full run's 30, to keep --quick short)" if args.quick and args.cg_steps < 30 else ""
         )
     print(header, flush=True)
     sizes = {} if args.tangent_size is None else {"tangent_sizes": (args.tangent_size,)}
