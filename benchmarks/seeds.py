@@ -1,5 +1,8 @@
 """Several seeds per task: every optimizer's runs, its learning rate chosen once per task, and the
-statistics the main job reports (medians, spread, blow-ups, iterations to reach Adam's final loss).
+statistics the main job reports (medians, spread, blow-ups, iterations to reach Adam's target).
+
+Adam's target, on each seed: its mean loss over the last 10% of its run (the score that chose its learning
+rate), a figure that does not swing with the noise of its last step the way its final loss does.
 
 Learning rates: Adam, FGD (and SGD) are tuned on their grid; the rate chosen is the one with the lowest
 median score (mean loss over the last 10% of the run) across the seeds, the same rate for every seed.
@@ -18,11 +21,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.optimizers import Optimizer, optimizers_for
+from benchmarks.optimizers import Optimizer, learning_rates, optimizers_for
 from benchmarks.suite import Run, _chunk_size, first_reach, run_chunks
 from benchmarks.tasks import TASKS, Problem
 
 BLOW_UP = 10.0  # a run blows up when its loss ever exceeds this many times its initial loss (or is not finite)
+COMPARED = ("sofo", "sofo_lm", "lbfgs", "hf")  # the kinds measured against Adam's target in the summary
+MB = 1e6
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One optimizer's compiled chunk of steps and final objective, per seed (key "shared" when the task's
+    seeds share one executable), with its compile time and compiled memory."""
+
+    chunk: int
+    executables: dict
+    compile_s: float = 0.0
+    memory: dict = dataclasses.field(default_factory=dict)
+
+    def for_seed(self, seed: int, problem: Problem):
+        return self.executables["shared" if problem.recurrent else seed]
 
 
 @dataclasses.dataclass
@@ -35,6 +54,13 @@ class MethodRuns:
     lr: float
     grid: tuple[float, ...]
     runs: list[Run]
+    cost: str = ""  # what one iteration evaluates, in words
+    memory: dict = dataclasses.field(default_factory=dict)  # {"temp MB": ..., "state MB": ...}
+
+    def evaluations_per_iteration(self) -> float | None:
+        """Median over seeds of function-and-gradient evaluations per iteration, where counted (L-BFGS)."""
+        counts = [run.metrics["evaluations"] / max(len(run.losses) - 1, 1) for run in self.runs if "evaluations" in run.metrics]
+        return float(np.median(counts)) if counts else None
 
     def blow_ups(self) -> int:
         count = 0
@@ -62,8 +88,21 @@ def _with_data(problem: Problem, data) -> Problem:
     return dataclasses.replace(problem, z0=z0, xs=xs, ys=ys)
 
 
-def _pick(problem: Problem, seed: int, label: str) -> Optimizer:
-    return next(o for o in optimizers_for(problem, seed=seed) if o.label == label)
+def _pick(problem: Problem, seed: int, label: str, options: dict | None = None) -> Optimizer:
+    return next(o for o in optimizers_for(problem, seed=seed, **(options or {})) if o.label == label)
+
+
+def compiled_memory(executable, state) -> dict:
+    """The compiled chunk's temporary memory (XLA's `memory_analysis`, as in benchmarks/memory.py: a
+    scanned chunk reuses one step's buffers, so this is the memory of a step) and the optimizer state's size."""
+    state_mb = sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(state)
+                   if not jax.dtypes.issubdtype(jnp.asarray(leaf).dtype, jax.dtypes.prng_key)) / MB
+    try:
+        stats = executable.memory_analysis()
+    except Exception:  # noqa: BLE001 - a backend without the analysis: report the state only
+        stats = None
+    temp = None if stats is None else stats.temp_size_in_bytes / MB
+    return {"temp MB": temp, "state MB": state_mb}
 
 
 def train_seeds(
@@ -74,8 +113,13 @@ def train_seeds(
     *,
     iterations: int,
     progress: Callable[[int, str], None] | None = None,
+    options: dict | None = None,
+    cache: dict | None = None,
 ) -> dict[float, list[Run]]:
     """Runs optimizer `label` on each seed's problem for each learning rate; returns {lr: [run per seed]}.
+
+    `options` go to `optimizers_for` (e.g. `cg_steps`); the compiled chunks are left in `cache[label]`
+    (a `Compiled`) when a dict is given, for the equal-wall-clock race to reuse.
 
     For recurrent tasks the data (z0, xs, ys), the parameters and the optimizer state are arguments of
     one compiled chunk of steps, so the task compiles once for all its seeds and learning rates; the
@@ -85,19 +129,19 @@ def train_seeds(
     """
     chunk = _chunk_size(iterations)
     template = problems[0]
-    kind = _pick(template, seeds[0], label).kind
+    kind = _pick(template, seeds[0], label, options).kind
 
     def run_chunk(state, lr, data):
-        optimizer = _pick(_with_data(template, data), seeds[0], label)
+        optimizer = _pick(_with_data(template, data), seeds[0], label, options)
         return jax.lax.scan(lambda s, _: optimizer.step(s, lr), state, None, length=chunk)
 
     def objective(params, data):
         return _with_data(template, data).objective(params)
 
-    compiled, compile_s = {}, 0.0
+    compiled, compile_s, memory = {}, 0.0, {}
     results: dict[float, list[Run]] = {}
     for seed, problem in zip(seeds, problems):
-        optimizer = _pick(problem, seed, label)
+        optimizer = _pick(problem, seed, label, options)
         state0, data = optimizer.init(problem.params), _data(problem)
         shared = problem.recurrent
         cache_key = "shared" if shared else seed
@@ -114,6 +158,7 @@ def train_seeds(
                 final = jax.jit(lambda p, _d, pb=problem: pb.objective(p)).lower(problem.params, data).compile()
             compiled[cache_key] = (step, final)
             compile_s += time.perf_counter() - tic
+            memory = memory or compiled_memory(step, state0)
         step, final = compiled[cache_key]
         for lr in learning_rates:
             state, losses, seconds, chunk_ms = run_chunks(
@@ -121,13 +166,16 @@ def train_seeds(
                 f"{problem.name} | seed {seed} | {label} | lr={lr:g}",
             )
             losses.append(float(final(state[0], data)))
+            metrics = {} if optimizer.evaluations is None else {"evaluations": int(optimizer.evaluations(state))}
             results.setdefault(float(lr), []).append(
                 Run(
                     task=problem.name, kind=kind, label=label, tangent_size=optimizer.tangent_size, lr=float(lr),
                     losses=np.asarray(losses), seconds=np.asarray(seconds), chunk_ms=np.asarray(chunk_ms),
-                    compile_s=compile_s,
+                    compile_s=compile_s, metrics=metrics,
                 )
             )
+    if cache is not None:
+        cache[label] = Compiled(chunk, compiled, compile_s, memory)
     return results
 
 
@@ -146,22 +194,31 @@ def run_task_seeds(
     kinds: Iterable[str] | None = None,
     progress: Callable[[int, str], None] | None = None,
     sizes: dict[str, Any] | None = None,
+    options: dict | None = None,
+    cache: dict | None = None,
 ) -> tuple[list[Problem], dict[str, MethodRuns]]:
     """Runs every optimizer of task `name` (or those of `kinds`) on each seed and its whole grid; returns
     the problems (one per seed) and, per optimizer label, the runs at the learning rate with the best
-    median score over the seeds."""
+    median score over the seeds. `options` go to `optimizers_for`; `cache` collects the compiled chunks
+    (see `train_seeds`)."""
     seeds = list(seeds)
     problems = [TASKS[name](seed=seed, quick=quick, **(sizes or {})) for seed in seeds]
     template = problems[0]
     iterations = template.iterations if iterations is None else iterations
     chosen = {}
-    for optimizer in optimizers_for(template, seed=seeds[0]):
+    cache = {} if cache is None else cache
+    for optimizer in optimizers_for(template, seed=seeds[0], **(options or {})):
         if kinds is not None and optimizer.kind not in kinds:
             continue
-        grid = tuple(float(lr) for lr in template.learning_rates[optimizer.kind])
-        per_lr = train_seeds(problems, seeds, optimizer.label, grid, iterations=iterations, progress=progress)
+        grid = tuple(float(lr) for lr in learning_rates(template, optimizer.kind))
+        per_lr = train_seeds(
+            problems, seeds, optimizer.label, grid, iterations=iterations, progress=progress, options=options,
+            cache=cache,
+        )
         lr = choose_rate(per_lr, grid)
-        chosen[optimizer.label] = MethodRuns(name, optimizer.kind, optimizer.label, lr, grid, per_lr[lr])
+        chosen[optimizer.label] = MethodRuns(
+            name, optimizer.kind, optimizer.label, lr, grid, per_lr[lr], optimizer.cost, cache[optimizer.label].memory
+        )
     return problems, chosen
 
 
@@ -186,18 +243,19 @@ def _number(value: float) -> str:
 
 @dataclasses.dataclass
 class SeedComparison:
-    """A SOFO variant against Adam on one task, seed by seed."""
+    """A method (SOFO or a peer) against Adam on one task, seed by seed."""
 
     task: str
     label: str
-    adam_iterations: list[int]  # per seed: when Adam first reached its own final loss
-    sofo_iterations: list[int | None]  # per seed: when SOFO first reached Adam's final loss (None: never)
+    adam_iterations: list[int]  # per seed: when Adam first reached its own target
+    sofo_iterations: list[int | None]  # per seed: when the method first reached Adam's target (None: never)
     adam_seconds: list[float]
     sofo_seconds: list[float | None]
-    time_ratio: float  # median ms/step SOFO / Adam
+    time_ratio: float  # median ms/step method / Adam
     blow_ups: int
     adam_best_iterations: list[int] = dataclasses.field(default_factory=list)  # when Adam hit its best loss
-    sofo_best_iterations: list[int | None] = dataclasses.field(default_factory=list)  # when SOFO got there
+    sofo_best_iterations: list[int | None] = dataclasses.field(default_factory=list)  # when the method got there
+    kind: str = "sofo"
 
     @property
     def seeds(self) -> int:
@@ -208,7 +266,7 @@ class SeedComparison:
         return sum(i is None for i in self.sofo_iterations)
 
     def speedups(self) -> list[float]:
-        """Adam iterations / SOFO iterations per seed; 0 where SOFO did not reach Adam's final loss."""
+        """Adam iterations / the method's iterations per seed; 0 where it did not reach Adam's target."""
         return [0.0 if s is None else a / max(s, 1) for a, s in zip(self.adam_iterations, self.sofo_iterations)]
 
     def best_speedups(self) -> list[float]:
@@ -220,18 +278,29 @@ class SeedComparison:
     def median_speedup(self) -> float:
         return float(np.median(self.speedups()))
 
+    def speedup_spread(self) -> str:
+        """'median [min, max]' of the per-seed ratios (a miss counts as 0)."""
+        values = self.speedups()
+        return f"{np.median(values):.1f}x [{min(values):.1f}, {max(values):.1f}]"
+
+
+def adam_targets(adam: MethodRuns) -> list[float]:
+    """Per seed, Adam's target: its mean loss over the last 10% of its run (inf if that diverged)."""
+    return [run.score for run in adam.runs]
+
 
 def compare_seeds(methods: dict[str, MethodRuns]) -> list[SeedComparison]:
+    """Every SOFO variant and peer (kinds in COMPARED) against Adam's target, seed by seed."""
     adam = next((m for m in methods.values() if m.kind == "adam"), None)
     if adam is None:
         return []
-    targets = [run.losses[-1] for run in adam.runs]
+    targets = adam_targets(adam)
     adam_iterations = [first_reach(run.losses, target) or len(run.losses) - 1 for run, target in zip(adam.runs, targets)]
     bests = [float(np.nanmin(np.where(np.isfinite(run.losses), run.losses, np.nan))) for run in adam.runs]
     adam_best = [first_reach(run.losses, best) or len(run.losses) - 1 for run, best in zip(adam.runs, bests)]
     result = []
     for method in methods.values():
-        if method.kind not in ("sofo", "sofo_lm"):
+        if method.kind not in COMPARED:
             continue
         reached = [
             None if not np.isfinite(target) else first_reach(run.losses, target)
@@ -249,6 +318,7 @@ def compare_seeds(methods: dict[str, MethodRuns]) -> list[SeedComparison]:
                 blow_ups=method.blow_ups(),
                 adam_best_iterations=adam_best,
                 sofo_best_iterations=[first_reach(run.losses, best) for run, best in zip(method.runs, bests)],
+                kind=method.kind,
             )
         )
     return result
@@ -258,12 +328,24 @@ def _per_seed(values: list) -> str:
     return "/".join("-" if v is None else (str(v) if isinstance(v, int) else f"{v:.1f}") for v in values)
 
 
+def _megabytes(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _evaluations(method: MethodRuns) -> str:
+    counted = method.evaluations_per_iteration()
+    if counted is not None:
+        return f"{counted:.1f} f+g (linesearch)"
+    return method.cost or "-"
+
+
 def task_rows(methods: dict[str, MethodRuns]) -> list[dict[str, Any]]:
     """One row per optimizer: chosen lr, final loss median [min, max], blow-ups, iterations to reach
-    Adam's final loss (median and per seed), time per step."""
+    Adam's target (median and per seed), the same as a ratio to Adam's (median [min, max] over seeds),
+    what an iteration evaluates, time per step and compiled memory."""
     comparisons = {c.label: c for c in compare_seeds(methods)}
     adam = next((m for m in methods.values() if m.kind == "adam"), None)
-    targets = [] if adam is None else [run.losses[-1] for run in adam.runs]
+    targets = [] if adam is None else adam_targets(adam)
     rows = []
     for method in methods.values():
         tuned = len(method.grid) > 1
@@ -282,34 +364,38 @@ def task_rows(methods: dict[str, MethodRuns]) -> list[dict[str, Any]]:
             "lr": f"{method.lr:g}" + (" (tuned)" if tuned else " (fixed)"),
             "final loss: median [min, max]": _spread(method.finals()),
             "blow-ups": f"{method.blow_ups()}/{len(method.runs)}",
-            "iters to Adam's final loss": reach,
-            "fewer iters than Adam": (
-                f"{comparisons[method.label].median_speedup:.1f}x" if method.label in comparisons else "-"
+            "iters to Adam's target": reach,
+            "fewer iters than Adam: median [min, max]": (
+                comparisons[method.label].speedup_spread() if method.label in comparisons else "-"
             ),
+            "evals/iter": _evaluations(method),
             "ms/step": f"{method.step_ms():.1f}",
+            "temp MB/step": _megabytes(method.memory.get("temp MB")),
+            "state MB": _megabytes(method.memory.get("state MB")),
         }
         rows.append(row)
     return rows
 
 
 def summary_rows(comparisons: list[SeedComparison], problems: dict[str, Problem]) -> list[dict[str, Any]]:
-    """The cross-task summary: for each SOFO variant and task, the median iteration ratio and the misses."""
+    """The cross-task summary: for each SOFO variant (and peer) and task, the iteration ratio to Adam's
+    target (median [min, max] over seeds, per seed) and the misses."""
     rows = []
     for c in comparisons:
         rows.append(
             {
                 "task": c.task,
                 "n params": problems[c.task].size,
-                "SOFO": c.label,
-                "fewer iters than Adam (median)": f"{c.median_speedup:.1f}x",
+                "method": c.label,
+                "fewer iters than Adam: median [min, max]": c.speedup_spread(),
                 "per seed": "/".join("miss" if s == 0 else f"{s:.1f}x" for s in c.speedups()),
                 "vs Adam's best loss (median; per seed)": (
                     f"{np.median(c.best_speedups()):.1f}x ("
                     + "/".join("miss" if s == 0 else f"{s:.1f}x" for s in c.best_speedups()) + ")"
                 ),
                 "blow-ups": f"{c.blow_ups}/{c.seeds}",
-                "step time SOFO/Adam": f"{c.time_ratio:.1f}x",
-                "seconds SOFO/Adam (median, reached seeds)": _seconds_ratio(c),
+                "step time vs Adam": f"{c.time_ratio:.1f}x",
+                "seconds vs Adam (median, reached seeds)": _seconds_ratio(c),
             }
         )
     return rows
