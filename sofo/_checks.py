@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 LOSSES = ("mse", "ce", "exact")
+SAMPLERS = ("normal", "layerwise", "balanced", "orthonormal")
 # Integer options set shapes, so they must be Python (or numpy) ints; optax.inject_hyperparams turns every
 # numeric argument not in static_args into an array, so say where to list them.
 _STATIC_HINT = " (under optax.inject_hyperparams, list {name} in static_args: it sets a shape)"
@@ -20,7 +21,6 @@ _STATIC_HINT = " (under optax.inject_hyperparams, list {name} in static_args: it
 def is_int(value: Any) -> bool:
     """A Python or numpy integer (not a bool, not an array): what the shape-setting options take."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-SAMPLERS = ("normal", "layerwise", "balanced", "orthonormal")
 
 
 def check_config(*, tangent_size: Any, damping: Any, loss: Any, sampler: Any) -> None:

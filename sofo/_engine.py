@@ -397,8 +397,8 @@ def value_and_sofo_grad_scan(
         project = lambda c: _solve.combine(tangents, c)  # noqa: E731
         if steps == 0:
             # The empty sum: loss 0, no directional derivative, no curvature, so a zero direction.
-            zero_k = jnp.zeros((tangent_size,), dtype)
-            return _finish(jnp.zeros((), dtype), zero_k, jnp.zeros((tangent_size,) * 2, dtype), project, damping, axis_name)
+            zeros = jnp.zeros((), dtype), jnp.zeros((tangent_size,), dtype), jnp.zeros((tangent_size,) * 2, dtype)
+            return _finish(*zeros, project, damping, axis_name)
         # Non-float latent leaves (counters, masks) are carried without tangents: only the float ones are
         # differentiated, the others are closed over and passed through.
         z_leaves, z_def = jax.tree_util.tree_flatten(z0)
