@@ -110,6 +110,8 @@ def transform(
         an optax schedule of the step count; only used by adaptive damping, to predict the reduction of
         the step actually taken. It must match: use `sofo.sofo(learning_rate)`, which sets both, or
         `optax.chain(sofo.transform(..., step_size=lr), optax.sgd(lr))` with nothing else rescaling.
+        A step size that is not a finite number >= 0 (a schedule or injected value gone NaN) rejects the
+        step: zeros, which `sofo.sofo` applies as exact zeros (`optax.sgd(nan)` would make them NaN).
       memory_size: m, the number of past update directions (unit norm, newest first) that replace m of
         the K random tangents each step, carrying curvature information across steps. The state then
         holds m parameter-sized buffers. None or 0 (default) for none; less than `tangent_size`, so that
