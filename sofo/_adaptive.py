@@ -23,9 +23,11 @@ class AdaptiveDamping(NamedTuple):
     After each step, with rho = actual reduction / predicted reduction on the same batch:
     a rejected step (the loss went up, or a non-finite loss or direction) or rho < `lower_ratio`
     multiplies the damping by `increase`; rho > `upper_ratio` divides it by `decrease`; otherwise it
-    stays. It is then clipped to [`min_damping`, `max_damping`], and never goes below K * eps of the
-    computation dtype (K the number of tangents; 3.8e-6 for K=32 in float32): below that the K x K
-    sketch's small eigenvalues, and the step along them, are round-off.
+    stays. It is then clipped to [max(`min_damping`, K * eps), `max_damping`], with K * eps the floor
+    of the computation dtype (K the number of tangents; 3.8e-6 for K=32 in float32): below it the K x K
+    sketch's small eigenvalues, and the step along them, are round-off. The initial damping is clipped
+    to the same bounds. A `max_damping` below that floor is refused when the optimizer state is built
+    (raise it, use fewer tangents or float64).
 
     Attributes:
       min_damping: the smallest damping (relative to the top curvature eigenvalue).
@@ -97,6 +99,36 @@ def predicted_reduction(info: Any, step_size: Any = 1.0) -> jax.Array:
     return step_size * linear - 0.5 * step_size**2 * quadratic
 
 
+def damping_bounds(config: AdaptiveDamping, tangent_size: int, dtype: Any) -> tuple[float, float]:
+    """[max(min_damping, K * eps), max_damping]: the range every damping (the initial one included) lies in.
+
+    Raises a ValueError when `max_damping` is below the floor K * eps of `dtype`, rather than override it.
+    """
+    floor = tangent_size * float(jnp.finfo(dtype).eps)
+    if config.max_damping < floor:
+        raise ValueError(
+            f"AdaptiveDamping(max_damping={config.max_damping!r}) lies below the damping floor K * eps = "
+            f"{tangent_size} * {float(jnp.finfo(dtype).eps):.3g} = {floor:.3g} for tangent_size={tangent_size} "
+            f"in {jnp.dtype(dtype).name} (below it the K x K solve is round-off, so the damping never goes "
+            f"lower). Pass max_damping >= {floor:.3g}, fewer tangents, or float64 parameters."
+        )
+    return max(config.min_damping, floor), config.max_damping
+
+
+def initial_damping(damping: Any, config: AdaptiveDamping | None, tangent_size: int, dtype: Any) -> jax.Array:
+    """The damping a state starts from: clipped to `damping_bounds` with adaptive damping, as given without."""
+    if config is None:
+        return jnp.asarray(damping, dtype)
+    low, high = damping_bounds(config, tangent_size, dtype)
+    return jnp.clip(jnp.asarray(damping, dtype), low, high)
+
+
+def finite_step_size(step_size: Any) -> jax.Array:
+    """True when the learning rate is a finite number >= 0 (a schedule or inject_hyperparams may give NaN)."""
+    step_size = jnp.asarray(step_size)
+    return jnp.isfinite(step_size) & (step_size >= 0)
+
+
 def reduction_ratio(value: jax.Array, new_value: jax.Array, predicted: jax.Array) -> jax.Array:
     """rho = (value - new_value) / predicted; 0 where the model predicts no reduction (a poor step)."""
     actual = value - new_value
@@ -116,6 +148,9 @@ def rollout_loss(cell, loss_fn, params, z0, xs, ys):
     """sum_t loss_fn(y_t, ys[t]) along one rollout without tangents (adaptive damping's extra pass)."""
     leaves = jax.tree_util.tree_leaves(params)
     dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32) if leaves else jnp.float32
+    if any(jnp.shape(x)[0] == 0 for x in jax.tree_util.tree_leaves(xs) if jnp.ndim(x)):
+        # T = 0: the empty sum, without calling loss_fn (as the engine does).
+        return jnp.zeros((), dtype)
 
     def step(carry, inputs):
         z, total = carry
@@ -181,27 +216,33 @@ def adaptive_step(step, evaluate, params, damping, memory, step_size, config: Ad
 
     Returns:
       A `StepResult`: the direction (zeros if the step was rejected), the loss before the step, the next
-      damping, the ratio rho, whether the step was accepted, and the next memory.
+      damping, the ratio rho, whether the step was accepted, and the next memory. A step size that is not
+      a finite number >= 0 (a schedule or an injected learning rate gone NaN) rejects the step, with or
+      without `config`: no scaling of its zeros could keep the parameters finite. The damping then stays.
     """
     value, direction, info = step(damping, memory)
     ratio = jnp.zeros([], dtype)
-    accepted = jnp.asarray(True)
+    step_ok = finite_step_size(step_size)
+    accepted = step_ok
     next_damping = jnp.asarray(damping, dtype)
     if config is not None:
+        # A NaN step size must not reach the candidate (or the ratio): evaluate at a harmless 0 instead.
+        usable = jnp.where(step_ok, step_size, 0)
         candidate = jax.tree_util.tree_map(
-            lambda p, h: (p - step_size * h).astype(jnp.result_type(p)), params, direction
+            lambda p, h: (p - usable * h).astype(jnp.result_type(p)), params, direction
         )
         new_value = evaluate(candidate)
-        finite = jnp.isfinite(value) & jnp.isfinite(new_value) & all_finite(direction)
+        finite = accepted & jnp.isfinite(value) & jnp.isfinite(new_value) & all_finite(direction)
         accepted = finite & (new_value <= value)
-        ratio = reduction_ratio(value, new_value, predicted_reduction(info, step_size))
+        ratio = reduction_ratio(value, new_value, predicted_reduction(info, usable))
         ratio = jnp.where(finite, ratio, 0.0).astype(dtype)
-        next_damping = next_damping_fn(next_damping, ratio, accepted, config)
         # Below about K * eps (relative to the top eigenvalue) the K x K sketch's small eigenvalues are
         # round-off, and so is the step along them: in float32 the damping must not go lower.
-        resolution = info.coefficients.shape[0] * float(jnp.finfo(info.coefficients.dtype).eps)
-        next_damping = jnp.maximum(next_damping, resolution).astype(dtype)
-        direction = jax.tree_util.tree_map(lambda h: jnp.where(accepted, h, jnp.zeros_like(h)), direction)
+        low, high = damping_bounds(config, info.coefficients.shape[0], info.coefficients.dtype)
+        adapted = jnp.clip(next_damping_fn(next_damping, ratio, accepted, config), low, high)
+        # A step refused for its step size says nothing about the model: the damping stays.
+        next_damping = jnp.where(step_ok, adapted, next_damping).astype(dtype)
+    direction = jax.tree_util.tree_map(lambda h: jnp.where(accepted, h, jnp.zeros_like(h)), direction)
     if memory is not None:
         # Without adaptive damping every step is applied, but a non-finite one must not poison the memory.
         keep = accepted & all_finite(direction)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from sofo import _adaptive, _checks, _optax
@@ -16,7 +18,7 @@ DEFAULT_MEMORY_SIZE = 4
 
 def default_memory_size(tangent_size: int) -> int:
     """min(4, K // 4): memory helps, but most of the K tangents stay random (fresh directions)."""
-    return min(DEFAULT_MEMORY_SIZE, tangent_size // 4) if isinstance(tangent_size, int) else 0
+    return min(DEFAULT_MEMORY_SIZE, int(tangent_size) // 4) if _checks.is_int(tangent_size) else 0
 
 
 def sofo(
@@ -83,7 +85,9 @@ def sofo(
     if memory_size is None:
         memory_size = default_memory_size(tangent_size)
     return optax.chain(
-        _optax.transform(
+        _optax._transform(
+            "sofo.sofo",
+            "learning_rate",
             tangent_size=tangent_size,
             damping=damping,
             curvature=curvature,
@@ -94,5 +98,27 @@ def sofo(
             step_size=learning_rate,
             memory_size=memory_size,
         ),
-        optax.scale_by_learning_rate(learning_rate),
+        _scale_by_finite_learning_rate(learning_rate),
     )
+
+
+def _scale_by_finite_learning_rate(learning_rate: Any) -> optax.GradientTransformation:
+    """`optax.scale_by_learning_rate` (same state), with exact zeros where the learning rate is not finite.
+
+    `sofo.transform` rejects a step whose learning rate (a schedule's value, or one set by
+    `optax.inject_hyperparams`) is NaN or inf and returns zeros; scaled by that learning rate they would
+    be NaN, and the parameters with them.
+    """
+    inner = optax.scale_by_learning_rate(learning_rate)
+
+    def update_fn(updates, state, params=None):
+        if callable(learning_rate):
+            rate = learning_rate(state.count)
+        else:
+            rate = learning_rate
+        scaled, new_state = inner.update(updates, state, params)
+        finite = jnp.isfinite(rate)
+        scaled = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), scaled)
+        return scaled, new_state
+
+    return optax.GradientTransformation(inner.init, update_fn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -14,6 +15,14 @@ import numpy as np
 CURVATURES = ("exact", "mse", "ce")
 DEFAULT_CURVATURE = "exact"
 SAMPLERS = ("normal", "layerwise", "balanced", "orthonormal")
+# Integer options set shapes, so they must be Python (or numpy) ints; optax.inject_hyperparams turns every
+# numeric argument not in static_args into an array, so say where to list them.
+_STATIC_HINT = " (under optax.inject_hyperparams, list {name} in static_args: it sets a shape)"
+
+
+def is_int(value: Any) -> bool:
+    """A Python or numpy integer (not a bool, not an array): what the shape-setting options take."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def resolve_curvature(curvature: Any, loss: Any, where: str, *, deprecated: bool = True) -> Any:
@@ -43,10 +52,10 @@ def resolve_curvature(curvature: Any, loss: Any, where: str, *, deprecated: bool
 
 def check_config(*, tangent_size: Any, damping: Any, curvature: Any, sampler: Any) -> None:
     """Validates the engine's hyperparameters."""
-    if isinstance(tangent_size, bool) or not isinstance(tangent_size, numbers.Integral) or tangent_size < 1:
+    if not is_int(tangent_size) or tangent_size < 1:
         raise ValueError(
             f"tangent_size must be a positive int (the number K of random tangents per step); "
-            f"got {tangent_size!r}. Pass e.g. tangent_size=100."
+            f"got {tangent_size!r}. Pass e.g. tangent_size=100{_STATIC_HINT.format(name='tangent_size')}."
         )
     check_damping(damping)
     if not isinstance(curvature, str) or curvature not in CURVATURES:
@@ -54,7 +63,7 @@ def check_config(*, tangent_size: Any, damping: Any, curvature: Any, sampler: An
             f"curvature={curvature!r} is not a known curvature form; choose one of "
             f"{', '.join(map(repr, CURVATURES))} ('exact', the default, is the Hessian of loss_fn itself and is "
             f"right for any loss; 'mse' assumes 0.5*mean-over-batch squared error, 'ce' mean softmax "
-            f"cross-entropy: faster, and checked against loss_fn every step)."
+            f"cross-entropy: fast paths, checked against loss_fn every step)."
         )
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(
@@ -89,28 +98,32 @@ def check_damping(damping: Any, name: str = "damping") -> None:
         raise ValueError(message)
 
 
-def check_memory_size(memory_size: Any, tangent_size: int, prefix: str = "") -> None:
-    """Validates `memory_size`: an int between 0 and K (remembered directions replace random tangents)."""
-    if isinstance(memory_size, bool) or not isinstance(memory_size, int) or not 0 <= memory_size <= tangent_size:
+def check_memory_size(memory_size: Any, tangent_size: int, prefix: str = "") -> int:
+    """Validates `memory_size` and returns it as an int: 0 <= m < K (remembered directions replace random
+    tangents, and at least one tangent per step must stay random, or no new direction is ever explored).
+    None means 0."""
+    if memory_size is None:
+        return 0
+    if not is_int(memory_size) or not 0 <= memory_size < tangent_size:
         raise ValueError(
-            f"{prefix}memory_size must be an int between 0 and tangent_size={tangent_size} (past directions that "
-            f"replace that many random tangents); got {memory_size!r}. Pass e.g. memory_size=1 (under "
+            f"{prefix}memory_size must be an int with 0 <= memory_size < tangent_size={tangent_size} (past "
+            f"directions that replace that many random tangents; at least one tangent per step must stay random, "
+            f"or once the memory is full no new direction is explored and training stalls); got "
+            f"{memory_size!r}. Pass e.g. memory_size={min(4, max(tangent_size // 4, 0))} (under "
             f"optax.inject_hyperparams, list it in static_args: it sets the state's shape)."
         )
+    return int(memory_size)
 
 
 def check_chunk_size(tangent_chunk_size: Any) -> None:
     """Validates `tangent_chunk_size` (None, or a positive int)."""
     if tangent_chunk_size is None:
         return
-    if (
-        isinstance(tangent_chunk_size, bool)
-        or not isinstance(tangent_chunk_size, numbers.Integral)
-        or tangent_chunk_size < 1
-    ):
+    if not is_int(tangent_chunk_size) or tangent_chunk_size < 1:
         raise ValueError(
             f"tangent_chunk_size must be None (all tangents at once) or a positive int; got "
-            f"{tangent_chunk_size!r}. Pass e.g. tangent_chunk_size=32 to push 32 tangents at a time."
+            f"{tangent_chunk_size!r}. Pass e.g. tangent_chunk_size=32 to push 32 tangents at a time"
+            f"{_STATIC_HINT.format(name='tangent_chunk_size')}."
         )
 
 
@@ -256,4 +269,44 @@ def check_scalar_loss(value: Any, name: str = "loss_fn") -> None:
         raise TypeError(
             f"{name} must return a floating scalar (the loss to minimise); got {got}. Reduce it, "
             f"e.g. with jnp.mean or jnp.sum."
+        )
+
+
+_LOSS_SIGNATURES = (
+    "loss_fn(outputs) -> scalar for sofo.sofo / sofo.transform / sofo.value_and_sofo_grad / "
+    "sofo.transforms.sofo_grad with a model fun (close over the targets: loss_fn=lambda y: my_loss(y, targets)); "
+    "loss_fn(y_t, ys_t) -> scalar, summed over time, with a recurrent cell (cell=, value_and_sofo_grad_scan, "
+    "sofo_grad_scan); loss_fn(outputs, targets) -> scalar for sofo.optim.SOFO"
+)
+
+
+def check_loss_signature(loss_fn: Any, count: int, front: str, form: str) -> None:
+    """Checks, without calling it, that `loss_fn` accepts `count` positional arguments; names each front's form.
+
+    A loss whose signature cannot be read (a builtin, some C callables) is let through.
+    """
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*([None] * count))
+    except TypeError:
+        name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+        expected = "loss_fn(outputs)" if count == 1 else "loss_fn(y_t, ys_t)"
+        raise TypeError(
+            f"{front} with {form} calls {expected}, with {count} argument{'s' if count > 1 else ''}, but "
+            f"loss_fn {name}{signature} cannot take {count}. The forms: {_LOSS_SIGNATURES}."
+        ) from None
+
+
+def check_nonempty_outputs(outputs: Any, name: str) -> None:
+    """Refuses (on shapes) model outputs with no numbers, e.g. an empty batch of shape (0, 3)."""
+    leaves = jax.tree_util.tree_flatten_with_path(outputs)[0]
+    if leaves and all(int(np.prod(jnp.shape(leaf))) == 0 for _, leaf in leaves):
+        shapes = ", ".join(f"output{jax.tree_util.keystr(path)} {tuple(jnp.shape(leaf))}" for path, leaf in leaves)
+        raise ValueError(
+            f"{name} returned no numbers ({shapes}): an empty batch has no loss or curvature to fit. Check the "
+            f"batch passed in (e.g. the last batch of a data loader, or a filter that kept nothing) and skip "
+            f"empty ones."
         )

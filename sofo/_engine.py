@@ -270,6 +270,7 @@ def value_and_sofo_grad(
     default_damping = damping
     _check_callable(fun, "fun", "fun(params) -> outputs")
     _check_callable(loss_fn, "loss_fn", "loss_fn(outputs) -> scalar")
+    _checks.check_loss_signature(loss_fn, 1, "sofo.value_and_sofo_grad", "fun")
 
     streamed = sampler != "orthonormal" and tangent_chunk_size is not None and tangent_chunk_size < tangent_size
 
@@ -278,6 +279,7 @@ def value_and_sofo_grad(
         _check_axis_name(axis_name)
         out_shapes = _abstract_outputs(fun, (params,), "fun")
         _checks.check_outputs(out_shapes, "fun")
+        _checks.check_nonempty_outputs(out_shapes, "fun")
         _check_ce_outputs(out_shapes, curvature, "fun")
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, out_shapes))
         if streamed:
@@ -366,6 +368,7 @@ def value_and_sofo_grad_scan(
     default_damping = damping
     _check_callable(cell, "cell", "cell(params, z, x) -> (z_new, y)")
     _check_callable(loss_fn, "loss_fn", "loss_fn(y_t, ys_t) -> scalar")
+    _checks.check_loss_signature(loss_fn, 2, "sofo.value_and_sofo_grad_scan", "cell")
 
     def check_cell(params, z0, xs, ys):
         t_xs, t_ys = _leading_length(xs, "xs"), _leading_length(ys, "ys")
@@ -393,14 +396,24 @@ def value_and_sofo_grad_scan(
                 f"z0 is {z_spec} but cell returned {z_new_spec}."
             )
         _checks.check_outputs(y, "cell (its y output)")
+        _checks.check_nonempty_outputs(y, "cell (its y output)")
         _check_ce_outputs(y, curvature, "cell (its y output)")
+        if t_xs == 0:
+            # No step, so nothing calls loss_fn (it may not accept what an empty ys gives it, e.g. None).
+            return 0
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, y, y0))
+        return t_xs
 
     def value_and_direction(key, params, z0, xs, ys, *, damping=None, memory=None):
         key, damping, dtype = _prepare(key, params, tangent_size, sampler, damping, default_damping, memory)
         _check_axis_name(axis_name)
-        check_cell(params, z0, xs, ys)
+        steps = check_cell(params, z0, xs, ys)
         tangents = _tangents.sample(key, params, tangent_size, sampler, memory=memory)
+        project = lambda c: _solve.combine(tangents, c)  # noqa: E731
+        if steps == 0:
+            # The empty sum: loss 0, no directional derivative, no curvature, so a zero direction.
+            zeros = jnp.zeros((), dtype), jnp.zeros((tangent_size,), dtype), jnp.zeros((tangent_size,) * 2, dtype)
+            return _finish(*zeros, project, damping, axis_name)
         # Non-float latent leaves (counters, masks) are carried without tangents: only the float ones are
         # differentiated, the others are closed over and passed through.
         z_leaves, z_def = jax.tree_util.tree_flatten(z0)
@@ -453,7 +466,6 @@ def value_and_sofo_grad_scan(
         )
         (_, _, value, directional, sketch, mismatch), _ = jax.lax.scan(step, init, (xs, ys))
         _curvature.warn_on_mismatch(curvature, mismatch, "sofo (recurrent)")
-        project = lambda c: _solve.combine(tangents, c)  # noqa: E731
         return _finish(value, directional, sketch, project, damping, axis_name)
 
     return value_and_direction

@@ -32,7 +32,8 @@ class SofoState(NamedTuple):
     """State of `sofo.transform`.
 
     Attributes:
-      key: the PRNG key the next step splits for its tangents.
+      key: the raw data (uint32, `jax.random.key_data`) of the PRNG key the next step splits for its
+        tangents: plain arrays, so the state checkpoints anywhere; the key is rebuilt at each step.
       count: the number of steps taken (int32).
       value: the loss at the parameters passed to the last `update` (before that step); 0 before any.
       top_eigenvalue: the largest eigenvalue of the last step's K x K curvature sketch; 0 before any.
@@ -63,7 +64,7 @@ def transform(
     tangent_chunk_size: int | None = None,
     adaptive_damping: bool | _adaptive.AdaptiveDamping = False,
     step_size: Any = 1.0,
-    memory_size: int = 0,
+    memory_size: int | None = None,
     loss: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOFO's damped Gauss-Newton direction in a random K-dimensional subspace, as an optax transform.
@@ -112,25 +113,47 @@ def transform(
         an optax schedule of the step count; only used by adaptive damping, to predict the reduction of
         the step actually taken. It must match: use `sofo.sofo(learning_rate)`, which sets both, or
         `optax.chain(sofo.transform(..., step_size=lr), optax.sgd(lr))` with nothing else rescaling.
+        A step size that is not a finite number >= 0 (a schedule or injected value gone NaN) rejects the
+        step: zeros, which `sofo.sofo` applies as exact zeros (`optax.sgd(nan)` would make them NaN).
       memory_size: m, the number of past update directions (unit norm, newest first) that replace m of
         the K random tangents each step, carrying curvature information across steps. The state then
-        holds m parameter-sized buffers. 0 (default) for none; at most `tangent_size`.
+        holds m parameter-sized buffers. None or 0 (default) for none; less than `tangent_size`, so that
+        every step still explores at least one fresh random direction.
       loss: the old name of `curvature` (deprecated: a DeprecationWarning; it still works).
 
     Returns:
-      An `optax.GradientTransformationExtraArgs` whose state is a `SofoState`.
+      An `optax.GradientTransformationExtraArgs` whose state is a `SofoState` of plain arrays (the key
+      as its raw uint32 data), so it checkpoints with flax.serialization, orbax, equinox, `np.savez` or
+      pickle. `update` checks the state against this configuration (memory, key) and says what differs.
 
     References:
       Yu, Xia, Ma, Lengyel & Hennequin, "Second-order forward-mode optimization of recurrent neural
       networks for neuroscience", NeurIPS 2024.
     """
     curvature = _checks.resolve_curvature(curvature, loss, "sofo.transform")
+    return _transform(
+        "sofo.transform", "step_size", tangent_size=tangent_size, damping=damping, curvature=curvature,
+        sampler=sampler, key=key, tangent_chunk_size=tangent_chunk_size, adaptive_damping=adaptive_damping,
+        step_size=step_size, memory_size=memory_size,
+    )
+
+
+def _transform(
+    front, step_name, *, tangent_size, damping, curvature, sampler, key, tangent_chunk_size, adaptive_damping,
+    step_size, memory_size,
+):
+    """`transform`, its errors naming `front` (the function the user called) and `step_name` (its step size)."""
     _checks.check_config(tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
+    tangent_size = int(tangent_size)
     _checks.check_chunk_size(tangent_chunk_size)
     adaptive = _adaptive.check_adaptive(adaptive_damping)
-    check_step_size(step_size)
-    _checks.check_memory_size(memory_size, tangent_size)
+    check_step_size(step_size, step_name)
+    memory_size = _checks.check_memory_size(memory_size, tangent_size)
+    # The state holds the key's raw uint32 data, not a typed key: plain arrays checkpoint everywhere
+    # (flax.serialization, np.savez, equinox); the key is rebuilt (same implementation) at each step.
     key = _checks.as_key(key)
+    key_impl = jax.random.key_impl(key)
+    key_data = jax.random.key_data(key)
     config = dict(
         tangent_size=tangent_size,
         damping=damping,
@@ -141,17 +164,15 @@ def transform(
 
     def init_fn(params):
         if params is None:
-            raise TypeError(
-                "sofo.transform's init needs the parameters to train; call opt_state = optimizer.init(params)."
-            )
+            raise TypeError(f"{front}'s init needs the parameters to train; call opt_state = optimizer.init(params).")
         _checks.check_tangent_count(tangent_size, sampler, _checks.check_params(params))
         dtype = _tangents.compute_dtype(params)
         return SofoState(
-            key=key,
+            key=key_data,
             count=jnp.zeros([], jnp.int32),
             value=jnp.zeros([], dtype),
             top_eigenvalue=jnp.zeros([], dtype),
-            damping=jnp.asarray(damping, dtype),
+            damping=_adaptive.initial_damping(damping, adaptive, tangent_size, dtype),
             ratio=jnp.zeros([], dtype),
             accepted=jnp.asarray(True),
             memory=_adaptive.init_memory(params, memory_size),
@@ -174,9 +195,13 @@ def transform(
         # Other extra args are meant for other transforms in the chain.
         del updates, extra_args
         step, evaluate = _step(
-            state, params, fun=fun, loss_fn=loss_fn, cell=cell, z0=z0, xs=xs, ys=ys, config=config
+            state, params, fun=fun, loss_fn=loss_fn, cell=cell, z0=z0, xs=xs, ys=ys, config=config, front=front
         )
-        next_key, step_key = jax.random.split(state.key)
+        _check_state(state, params, front, memory_size, key_data)
+        state_key = jnp.asarray(state.key)
+        if not jnp.issubdtype(state_key.dtype, jax.dtypes.prng_key):
+            state_key = jax.random.wrap_key_data(state_key, impl=key_impl)
+        next_key, step_key = jax.random.split(state_key)
         # Fixed damping comes from the config (so optax.inject_hyperparams can schedule it); adaptive
         # damping is carried in the state.
         eta = step_size(state.count) if callable(step_size) else step_size
@@ -185,7 +210,7 @@ def transform(
             state.damping if adaptive is not None else damping, state.memory, eta, adaptive, state.value.dtype,
         )
         new_state = SofoState(
-            key=next_key,
+            key=jax.random.key_data(next_key),
             count=optax.safe_increment(state.count),
             value=jnp.asarray(result.value, state.value.dtype),
             top_eigenvalue=jnp.asarray(result.info.top_eigenvalue, state.top_eigenvalue.dtype),
@@ -199,7 +224,40 @@ def transform(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config):
+def _check_state(state, params, front, memory_size, key_data):
+    """The state must come from this configuration: a memory of `memory_size` directions shaped like
+    `params` (or none), and a key of the configured kind. Says what differs (e.g. after a checkpoint is
+    restored into another configuration)."""
+    fix = (
+        f"The state was built by a differently configured optimizer (e.g. a checkpoint saved with other "
+        f"options); restore it into {front}(...) with the options it was saved with, or start afresh from "
+        f"opt_state = optimizer.init(params)."
+    )
+    held = None
+    if state.memory is not None:
+        counts = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree_util.tree_leaves(state.memory)}
+        held = counts.pop() if len(counts) == 1 else sorted(counts, key=str)
+    if (state.memory is None) != (memory_size == 0) or (memory_size and held != memory_size):
+        what = "no memory" if state.memory is None else f"a memory of {held} directions"
+        raise ValueError(
+            f"{front}: the optimizer state holds {what}, but this optimizer has memory_size={memory_size}. {fix}"
+        )
+    if state.memory is not None:
+        try:
+            _checks.check_memory(state.memory, params, memory_size + 1)
+        except ValueError as error:
+            raise ValueError(f"{front}: the optimizer state's memory does not match params: {error} {fix}") from None
+    key = jnp.asarray(state.key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    if key.shape != key_data.shape or key.dtype != key_data.dtype:
+        raise ValueError(
+            f"{front}: the optimizer state's key has shape {key.shape} and dtype {key.dtype}; this optimizer's "
+            f"key data is {key_data.shape} {key_data.dtype}. {fix}"
+        )
+
+
+def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config, front="sofo.transform"):
     """Checks the call and returns `step(key) -> (value, direction, info)` from the matching engine."""
     if not isinstance(state, SofoState):
         raise TypeError(
@@ -212,18 +270,19 @@ def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config):
         )
     call = _SCAN_CALL if cell is not None else _FEEDFORWARD_CALL
     if params is None:
-        raise TypeError(f"sofo.transform's update needs the current params (it evaluates the model at them): {call}.")
+        raise TypeError(f"{front}'s update needs the current params (it evaluates the model at them): {call}.")
     if fun is None and cell is None:
-        raise TypeError(f"sofo.transform's update needs the model and the loss as keyword arguments: {call}.")
+        raise TypeError(f"{front}'s update needs the model and the loss as keyword arguments: {call}.")
     if loss_fn is None:
-        raise TypeError(f"sofo.transform's update needs loss_fn=: {call}.")
+        raise TypeError(f"{front}'s update needs loss_fn=: {call}.")
     for name, f in (("fun", fun), ("cell", cell), ("loss_fn", loss_fn)):
         if f is not None and not callable(f):
             raise TypeError(f"{name} must be callable; got {type(f).__name__}: {call}.")
+    _checks.check_loss_signature(loss_fn, 2 if cell is not None else 1, front, "cell=" if cell is not None else "fun=")
     if _holds_masked_node(params):
         # Under optax.multi_transform / optax.masked the parameters this transform does not own arrive as
         # optax.MaskedNode; a model that reads them fails deep inside its own code, so say what to do.
-        fun, cell = _explain_masked_node(fun, "fun"), _explain_masked_node(cell, "cell")
+        fun, cell = _explain_masked_node(fun, "fun", front), _explain_masked_node(cell, "cell", front)
     if cell is None:
         stray = [name for name, v in (("z0", z0), ("xs", xs), ("ys", ys)) if v is not None]
         if stray:
@@ -241,13 +300,13 @@ def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config):
     return step, lambda candidate: _adaptive.rollout_loss(cell, loss_fn, candidate, z0, xs, ys)
 
 
-def check_step_size(step_size: Any) -> None:
+def check_step_size(step_size: Any, name: str = "step_size") -> None:
     """A positive float, a float jax scalar (e.g. from optax.inject_hyperparams; checked when concrete) or
-    a schedule."""
+    a schedule; `name` is the argument the user passed it as."""
     if callable(step_size):
         return
     message = (
-        f"step_size must be a positive float or an optax schedule (the learning rate applied after this "
+        f"{name} must be a positive float or an optax schedule (the learning rate applied after this "
         f"transform); got {step_size!r}. Pass the same value as the chain's learning rate."
     )
     if isinstance(step_size, (bool, np.bool_)):
@@ -278,12 +337,28 @@ def unmask(params, full_params):
     Returns:
       `params` with each `optax.MaskedNode` replaced by the matching subtree of `full_params`.
     """
-    return jax.tree_util.tree_map(
-        lambda own, full: full if isinstance(own, optax.MaskedNode) else own,
-        params,
-        full_params,
-        is_leaf=_is_masked_node,
+    if not _holds_masked_node(params):
+        return params
+    usage = (
+        "Call it as sofo.unmask(p, params) with p what sofo.transform receives and params the full parameters "
+        "(the ones given to the outer optimizer's update), e.g. fun = lambda p: model(sofo.unmask(p, params), x)."
     )
+    if full_params is None:
+        raise TypeError(f"sofo.unmask(params, full_params) got full_params=None. {usage}")
+    try:
+        return jax.tree_util.tree_map(
+            lambda own, full: full if isinstance(own, optax.MaskedNode) else own,
+            params,
+            full_params,
+            is_leaf=_is_masked_node,
+        )
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"sofo.unmask(params, full_params): the structure of params (with optax.MaskedNode for the parameters "
+            f"this transform does not train) must be a prefix of full_params'; params is "
+            f"{jax.tree_util.tree_structure(params, is_leaf=_is_masked_node)} but full_params is "
+            f"{jax.tree_util.tree_structure(full_params)}. {usage}"
+        ) from error
 
 
 def _is_masked_node(x):
@@ -300,7 +375,7 @@ _UNMASK_EXAMPLE = {
 }
 
 
-def _explain_masked_node(f, name):
+def _explain_masked_node(f, name, front="sofo.transform"):
     """`f`, re-raising its errors with the fill-from-full-params fix (params hold optax.MaskedNode)."""
     if f is None:
         return None
@@ -311,7 +386,7 @@ def _explain_masked_node(f, name):
         except Exception as error:
             raise TypeError(
                 f"{name} failed on params holding optax.MaskedNode ({type(error).__name__}: {error}). Under "
-                f"optax.multi_transform or optax.masked, sofo.transform sees optax.MaskedNode in place of the "
+                f"optax.multi_transform or optax.masked, {front} sees optax.MaskedNode in place of the "
                 f"parameters it does not train; fill them from the full parameters inside {name}, e.g. "
                 f"{_UNMASK_EXAMPLE[name]} with params the full parameters."
             ) from error

@@ -21,7 +21,16 @@ def test_there_are_notebooks():
     assert {p.name for p in NOTEBOOKS} >= {"tutorial.ipynb", "benchmarks.ipynb"}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+# The tutorial is the heaviest case of the default suite (about 110 s on a loaded 2-core machine): it runs
+# in the slow set (`pytest -m slow`, also run by CI); the benchmark notebook keeps the path in the default run.
+HEAVY = {"tutorial.ipynb"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.name in HEAVY else p for p in NOTEBOOKS],
+    ids=[p.name for p in NOTEBOOKS],
+)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
@@ -11,11 +12,31 @@ import sofo
 from sofo import _solve
 
 SETTINGS = settings(max_examples=10, deadline=None)
+# Each example of the two model-level properties compiles a new step (new shapes): a few by default, many
+# more in the slow set (`pytest -m slow`, also run by CI).
+FAST = settings(max_examples=4, deadline=None)
+SLOW = settings(max_examples=25, deadline=None)
+LEAST_SQUARES = dict(
+    seed=st.integers(0, 2**31 - 1), rows=st.integers(3, 12), cols=st.integers(1, 6),
+    damping=st.sampled_from([1e-8, 1e-4, 1e-1]),
+)
+DESCENT = dict(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 20), loss=st.sampled_from(["mse", "ce"]))
 
 
-@SETTINGS
-@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(3, 12), cols=st.integers(1, 6), damping=st.sampled_from([1e-8, 1e-4, 1e-1]))
+@FAST
+@given(**LEAST_SQUARES)
 def test_least_squares_gives_the_damped_gauss_newton_step(seed, rows, cols, damping):
+    _check_least_squares(seed, rows, cols, damping)
+
+
+@pytest.mark.slow
+@SLOW
+@given(**LEAST_SQUARES)
+def test_least_squares_gives_the_damped_gauss_newton_step_slow(seed, rows, cols, damping):
+    _check_least_squares(seed, rows, cols, damping)
+
+
+def _check_least_squares(seed, rows, cols, damping):
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(rows, cols))
     b = rng.normal(size=(rows, 2))
@@ -44,9 +65,20 @@ def test_least_squares_gives_the_damped_gauss_newton_step(seed, rows, cols, damp
         assert error <= 10 * bias * np.linalg.norm(solution - np.asarray(theta["w"])) + 1e-10
 
 
-@SETTINGS
-@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 20), loss=st.sampled_from(["mse", "ce"]))
+@FAST
+@given(**DESCENT)
 def test_direction_is_a_descent_direction_for_psd_curvature(seed, k, loss):
+    _check_descent(seed, k, loss)
+
+
+@pytest.mark.slow
+@SLOW
+@given(**DESCENT)
+def test_direction_is_a_descent_direction_for_psd_curvature_slow(seed, k, loss):
+    _check_descent(seed, k, loss)
+
+
+def _check_descent(seed, k, loss):
     keys = jax.random.split(jax.random.key(seed % 1000), 4)
     params = {"w1": jax.random.normal(keys[0], (3, 5)), "w2": jax.random.normal(keys[1], (5, 4))}
     x = jax.random.normal(keys[2], (8, 3))

@@ -43,7 +43,8 @@ def unrolled(cell, params_z0_xs):
     return fun
 
 
-@pytest.mark.parametrize("sampler", ["normal", "orthonormal"])
+# The heavier twin of each pair runs in the slow set (`pytest -m slow`, also run by CI).
+@pytest.mark.parametrize("sampler", ["normal", pytest.param("orthonormal", marks=pytest.mark.slow)])
 def test_scan_equals_unrolled_engine_on_summed_loss(sampler):
     params, cell, z0, xs, ys = rnn_problem()
     fun = unrolled(cell, (z0, xs))
@@ -59,7 +60,7 @@ def test_scan_equals_unrolled_engine_on_summed_loss(sampler):
     assert float(ravel_pytree(d_scan)[0] @ grad) > 0
 
 
-@pytest.mark.parametrize("loss", ["mse", "exact"])
+@pytest.mark.parametrize("loss", [pytest.param("mse", marks=pytest.mark.slow), "exact"])
 def test_full_rank_scan_equals_dense_gauss_newton(loss):
     params, cell, z0, xs, ys = rnn_problem(seed=1)
     fun = unrolled(cell, (z0, xs))

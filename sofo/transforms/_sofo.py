@@ -87,10 +87,10 @@ class AdaptiveState:
         _optax.check_step_size(step_size)
         if callable(step_size):
             raise ValueError(f"{transform}: step_size must be a positive float here (no step count is kept).")
-        _checks.check_memory_size(memory_size, tangent_size, f"{transform}: ")
+        self.memory_size = _checks.check_memory_size(memory_size, tangent_size, f"{transform}: ")
         self.transform = transform
+        self.tangent_size = tangent_size
         self.step_size = float(step_size)
-        self.memory_size = memory_size
         self.damping = damping
         self.ratio = None
         self.accepted = None
@@ -110,7 +110,11 @@ class AdaptiveState:
             )
         if self.memory is None and self.memory_size:
             self.memory = _adaptive.init_memory(params, self.memory_size)
-        return jnp.asarray(self.damping, _tangents.compute_dtype(params)), self.memory
+        dtype = _tangents.compute_dtype(params)
+        if self.config is not None:
+            # The initial damping within the schedule's bounds, as every later one (a no-op after a call).
+            self.damping = float(_adaptive.initial_damping(self.damping, self.config, self.tangent_size, dtype))
+        return jnp.asarray(self.damping, dtype), self.memory
 
     def run(self, engine_call, evaluate, params, damping, memory):
         """Inside the compiled step: one adaptive step; returns (direction, the new state's arrays)."""
@@ -198,6 +202,7 @@ def sofo_grad(
         return_value=return_value, check_states=check_states,
     )
     _check_loss_fn("sofo_grad", loss_fn)
+    _checks.check_loss_signature(loss_fn, 1, "sofo.transforms.sofo_grad", "its model fun")
     curvature = _checks.resolve_curvature(curvature, loss, "sofo_grad", deprecated=False)
     _checks.check_config(tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
     _checks.check_chunk_size(tangent_chunk_size)
@@ -273,6 +278,9 @@ def _first_step(transform: str, xs: Any) -> Any:
                 f"{transform}: xs{jax.tree_util.keystr(path)} is a scalar; every leaf of xs needs a leading "
                 f"time axis (time-major inputs, shape (T, ...))."
             )
+        if np.shape(leaf)[0] == 0:
+            # T = 0: no step to index; a stand-in of one step's shape is enough to trace the cell.
+            return jnp.zeros(np.shape(leaf)[1:], jnp.result_type(leaf))
         return leaf[0]
 
     return jax.tree_util.tree_map_with_path(first, xs)
@@ -345,6 +353,7 @@ def sofo_grad_scan(
         return_value=return_value, check_states=check_states,
     )
     _check_loss_fn(transform, loss_fn)
+    _checks.check_loss_signature(loss_fn, 2, "sofo.transforms.sofo_grad_scan", "its cell")
     curvature = _checks.resolve_curvature(curvature, loss, transform, deprecated=False)
     _checks.check_config(tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
     _checks.check_chunk_size(tangent_chunk_size)
