@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 LOSSES = ("mse", "ce", "exact")
-SAMPLERS = ("normal", "layerwise", "balanced", "orthonormal")
+SAMPLERS = ("normal", "layerwise", "balanced", "orthonormal", "rank1", "rank2", "rank4")
 
 
 def check_config(*, tangent_size: Any, damping: Any, loss: Any, sampler: Any) -> None:
