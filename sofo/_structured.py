@@ -128,11 +128,14 @@ def _factored_dot(v: LowRank, x, w_side: int, dimension_numbers, params):
 
     def one(f_in, f_out):
         # W = f_in-axis contracted with x first (r columns), then expanded by the other factor.
+        # The expansion by the other factor contracts only r: a sum of r broadcast products (XLA's CPU
+        # dot is slow at a contraction of 1, and the products fuse with the adds that follow).
         if w_side == 1:  # out = [x free dims..., W's free axis]
-            t = lax.dot_general(x, f_in, ((tuple(x_contract), (0,)), ((), ())), **kw)
-            return lax.dot_general(t, f_out, (((t.ndim - 1,), (1,)), ((), ())), **kw)
+            t = lax.dot_general(x, f_in, ((tuple(x_contract), (0,)), ((), ())), **kw)  # (x free..., r)
+            return sum(t[..., j, None] * f_out[:, j] for j in range(f_out.shape[1]))
         t = lax.dot_general(f_in, x, (((0,), tuple(x_contract)), ((), ())), **kw)  # (r, x free...)
-        return lax.dot_general(f_out, t, (((1,), (0,)), ((), ())), **kw)  # (W's free axis, x free...)
+        expand = lambda j: f_out[:, j].reshape((-1,) + (1,) * (t.ndim - 1))  # noqa: E731
+        return sum(expand(j) * t[j][None] for j in range(f_out.shape[1]))  # (W's free axis, x free...)
 
     return jax.vmap(one)(inner, outer)
 
