@@ -92,7 +92,8 @@ def transform(
       tangent_size: K, the number of random tangents per step.
       damping: relative damping; the curvature sketch is damped by `damping * max_eig`.
       loss: the curvature form, "mse", "ce" or "exact" (see `sofo.value_and_sofo_grad`).
-      sampler: "normal", "layerwise" or "orthonormal" tangents (see `sofo.value_and_sofo_grad`).
+      sampler: "normal", "layerwise", "balanced", "orthonormal" or the structured "rank1", "rank2",
+        "rank4" tangents (see `sofo.value_and_sofo_grad`).
       key: a `jax.random.key`, a legacy `PRNGKey` or an int seed. Step t draws its tangents from
         `jax.random.split(key_t)[1]` and keeps `[0]` as `key_{t+1}`: the same key gives the same
         trajectory.
