@@ -154,6 +154,23 @@ def quality_table(seeds: int, iterations: int, configs):
             print(f"| {name} | {sampler} | {size} | {fmt(third)} | {fmt(last)} | {np.median(secs):.1f} |")
 
 
+def equal_time_table(seeds: int, runs, names):
+    """Final loss and run time of (sampler, K, iterations) runs chosen to take about the same wall-clock."""
+    print(f"\n# sofo.sofo at about equal wall-clock: final loss, median [min, max] over {seeds} seeds")
+    print("| task | sampler | K | iterations | final loss | run time (s, median, no compile) |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        results = {run: [] for run in runs}
+        for seed in range(seeds):
+            problem = TASKS[name](seed=seed)
+            for sampler, size, iterations in runs:
+                results[(sampler, size, iterations)].append(run_sofo(problem, sampler, size, seed, iterations))
+        for (sampler, size, iterations), out in results.items():
+            last = [losses[-1] for losses, _ in out]
+            fmt = f"{np.median(last):.3g} [{np.min(last):.3g}, {np.max(last):.3g}]"
+            print(f"| {name} | {sampler} | {size} | {iterations} | {fmt} | {np.median([t for _, t in out]):.1f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -162,11 +179,18 @@ def main():
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--sizes", type=int, nargs="*", default=[K])
     parser.add_argument("--equal-cost", type=int, nargs="*", default=[], help="K for rank1 at equal cost")
+    parser.add_argument("--equal-time", action="store_true",
+                        help="only the equal wall-clock table: balanced K=32 for 60 iterations against rank1 "
+                             "K=32 for 150 and rank1 K=64 for 90 (from the measured step times)")
     args = parser.parse_args()
     print(
         f"# {platform.machine()} CPU, {os.cpu_count()} cores, jax {jax.__version__}, "
         f"{jax.devices()[0].platform}; float32"
     )
+    if args.equal_time:
+        runs = [("balanced", K, 60), ("rank1", K, 150), ("rank1", 2 * K, 90)]
+        equal_time_table(args.seeds, runs, ("flipflop", "lorenz"))
+        return
     step_table(args.rounds, tuple(args.sizes))
     if args.quality:
         configs = [("balanced", K), ("rank1", K), ("rank2", K)] + [("rank1", k) for k in args.equal_cost]
