@@ -81,7 +81,9 @@ def step_fns(problem, tangent_size):
             problem.cell, problem.step_loss, tangent_size=tangent_size, damping=problem.damping,
             loss=problem.curvature, sampler=sampler,
         )
-        fns[sampler] = jax.jit(lambda key, params, engine=engine: engine(key, params, problem.z0, problem.xs, problem.ys))
+        fns[sampler] = jax.jit(
+            lambda key, params, engine=engine: engine(key, params, problem.z0, problem.xs, problem.ys)
+        )
     return fns
 
 
@@ -138,7 +140,8 @@ def run_sofo(problem, sampler, tangent_size, seed, iterations):
 
 def quality_table(seeds: int, iterations: int, configs):
     print(f"\n# sofo.sofo loss after {iterations} iterations, median [min, max] over {seeds} seeds")
-    print(f"| task | sampler | K | loss at it. {iterations // 3} | loss at it. {iterations} | run time (s, median, no compile) |")
+    print(f"| task | sampler | K | loss at it. {iterations // 3} | loss at it. {iterations} | "
+          "run time (s, median, no compile) |")
     print("|---|---|---|---|---|---|")
     for name, build in TASKS.items():
         results = {config: [] for config in configs}

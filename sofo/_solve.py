@@ -51,9 +51,8 @@ def combine(tangents: Any, coefficients: jax.Array, cast: bool = True) -> Any:
         like = tangents.head if isinstance(tangents, _structured.Split) else tangents
         kinds = jax.tree_util.tree_leaves(like, is_leaf=lambda x: isinstance(x, _structured.LowRank))
         flat, treedef = jax.tree_util.tree_flatten(total)
-        return jax.tree_util.tree_unflatten(
-            treedef, [h.astype(k.a.dtype if isinstance(k, _structured.LowRank) else k.dtype) for h, k in zip(flat, kinds)]
-        )
+        dtypes = [k.a.dtype if isinstance(k, _structured.LowRank) else k.dtype for k in kinds]
+        return jax.tree_util.tree_unflatten(treedef, [h.astype(d) for h, d in zip(flat, dtypes)])
 
     def leaf(v):
         h = jnp.tensordot(coefficients, v.astype(coefficients.dtype), axes=1)

@@ -209,10 +209,10 @@ def _eval(jaxpr, consts, primals, tangents):
         in_primals = [p for p, _ in ins]
         in_tangents = [t for _, t in ins]
         name = eqn.primitive.name
+        sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")) if name in _CALLS else None
         if all(t is None for t in in_tangents):
             outs, out_tangents = _bind(eqn, in_primals), [None] * len(eqn.outvars)
-        elif name in _CALLS and isinstance(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")), jex.core.ClosedJaxpr):
-            sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        elif isinstance(sub, jex.core.ClosedJaxpr):  # a jitted sub-function: evaluated inline
             outs, out_tangents = _eval(sub.jaxpr, sub.consts, in_primals, in_tangents)
         elif name in _LOWRANK_RULES and any(_is_lowrank(t) for t in in_tangents):
             outs, out_tangents = _LOWRANK_RULES[name](eqn, in_primals, in_tangents)
@@ -242,8 +242,8 @@ def jvp(fn, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
     flat_tangents = [t if _is_lowrank(t) or _inexact(p) else None for p, t in zip(flat_primals, flat_tangents)]
     outs, out_tangents = _eval(closed.jaxpr, closed.consts, flat_primals, flat_tangents)
     out_tangents = [
-        _zeros_tangent(size, p) if t is None else (_dense(t) if _is_lowrank(t) else t).astype(jnp.result_type(p))
-        if _inexact(p) else _zeros_tangent(size, p)
+        _zeros_tangent(size, p) if t is None or not _inexact(p)
+        else (_dense(t) if _is_lowrank(t) else t).astype(jnp.result_type(p))
         for p, t in zip(outs, out_tangents)
     ]
     out_tree = jax.tree_util.tree_structure(out_shape)
