@@ -238,3 +238,25 @@ def test_unknown_sampler_is_rejected():
     params, fun, loss_fn = _mlp()
     with pytest.raises(ValueError, match="rank1"):
         sofo.value_and_sofo_grad(fun, loss_fn, sampler="rank3")
+
+
+def test_sofo_optimiser_with_rank1_tangents_never_raises_the_loss():
+    """sofo.sofo (LM damping, memory of 2 directions, a Split of dense and factored tangents) with rank1."""
+    import optax
+
+    params, fun, loss_fn = _mlp()
+    opt = sofo.sofo(tangent_size=8, sampler="rank1", memory_size=2, key=0)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = opt.update(None, state, params, fun=fun, loss_fn=loss_fn)
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    losses = [float(loss_fn(fun(params)))]
+    for _ in range(6):
+        params, state = step(params, state)
+        losses.append(float(loss_fn(fun(params))))
+    assert np.all(np.isfinite(losses))
+    assert np.all(np.diff(losses) <= 1e-12 * losses[0])  # a rejected step leaves the parameters put
+    assert losses[-1] < 0.9 * losses[0]
