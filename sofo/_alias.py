@@ -62,8 +62,9 @@ def sofo(
         (`sofo.CurvatureWarning`) when they do not match it (see `sofo.value_and_sofo_grad`).
       key: a `jax.random.key`, a legacy `PRNGKey` or an int seed.
       sampler: "balanced" (default: Gaussian tangents whose share in each parameter array grows with the
-        square root of its size, so readouts and biases are explored too), "layerwise", "normal" or
-        "orthonormal" (see `sofo.value_and_sofo_grad`).
+        square root of its size, so readouts and biases are explored too), "layerwise", "normal",
+        "orthonormal", or the structured "rank1" / "rank2" / "rank4" (rank-r matrix tangents kept
+        factored through the matmuls: a cheaper step; see `sofo.value_and_sofo_grad`).
       damping: the initial relative damping.
       adaptive_damping: True (the default `sofo.AdaptiveDamping()` schedule), a `sofo.AdaptiveDamping`,
         or False for fixed damping (then nothing is re-evaluated and every step is applied).

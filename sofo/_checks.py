@@ -14,7 +14,7 @@ import numpy as np
 
 CURVATURES = ("exact", "mse", "ce")
 DEFAULT_CURVATURE = "exact"
-SAMPLERS = ("normal", "layerwise", "balanced", "orthonormal")
+SAMPLERS = ("normal", "layerwise", "balanced", "orthonormal", "rank1", "rank2", "rank4")
 # Integer options set shapes, so they must be Python (or numpy) ints; optax.inject_hyperparams turns every
 # numeric argument not in static_args into an array, so say where to list them.
 _STATIC_HINT = " (under optax.inject_hyperparams, list {name} in static_args: it sets a shape)"

@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sofo import _checks, _curvature, _solve, _tangents
+from sofo import _checks, _curvature, _solve, _structured, _tangents
 
 
 class SofoInfo(NamedTuple):
@@ -145,10 +145,14 @@ def _push(fn, primals, tangents, tangent_chunk_size, tangent_sharding):
 
     With `tangent_chunk_size`, the tangents go through `lax.map` in chunks of that size, so the forward
     pass holds intermediates for one chunk only (the primal is then recomputed per chunk: cheap next to
-    the chunk's tangents).
+    the chunk's tangents). Structured tangents (the "rank<r>" samplers) go through
+    `sofo._structured.push`, which keeps each matrix's factored tangent factored through its matmuls.
     """
-    size = jax.tree_util.tree_leaves(tangents)[0].shape[0]
     tangents = _shard_tangents(tangents, tangent_sharding)
+    if _structured.is_structured(tangents[0]):
+        outputs, output_tangents = _structured.push(fn, primals, tangents, tangent_chunk_size)
+        return outputs, _shard_tangents(output_tangents, tangent_sharding)
+    size = jax.tree_util.tree_leaves(tangents)[0].shape[0]
     if tangent_chunk_size is None or tangent_chunk_size >= size:
         outputs, output_tangents = jax.vmap(
             lambda *ts: jax.jvp(fn, primals, ts), out_axes=(None, 0)
@@ -178,6 +182,13 @@ def _finish(value, directional, curvature, project, damping, axis_name):
         value, directional, curvature = jax.lax.pmean((value, directional, curvature), axis_name)
     coefficients, top = _solve.damped_solve(curvature, directional, damping)
     return value, project(coefficients), SofoInfo(top, directional, curvature, coefficients)
+
+
+def _chunk_output_tangents(fun, params, tangents):
+    """One chunk's output tangents (the chunk's tangents on the leading axis), structured or dense."""
+    if _structured.is_structured(tangents):
+        return _structured.jvp(fun, (params,), (tangents,))[1]
+    return jax.vmap(lambda v: jax.jvp(fun, (params,), (v,))[1])(tangents)
 
 
 def _streamed_direction(draw, indices, coefficients, params):
@@ -226,7 +237,10 @@ def value_and_sofo_grad(
       sampler: "normal" (unit-norm Gaussian tangents), "layerwise" (Gaussian tangents whose every leaf
         holds an equal share of the unit norm, so small leaves such as readouts and biases are explored as
         much as large ones), "balanced" (each leaf's share of the squared norm proportional to the square
-        root of its size; between the two) or "orthonormal" (K orthonormal vectors, K <= n).
+        root of its size; between the two), "orthonormal" (K orthonormal vectors, K <= n), or the
+        structured "rank1", "rank2", "rank4": each matrix parameter's tangent is a rank-r product a b^T
+        kept factored through the model's matmuls (dW.h = a (b^T h)), so a step costs about half the
+        dense one's FLOPs on an RNN (see `sofo._structured`); other leaves get dense Gaussian tangents.
       tangent_chunk_size: push the tangents through the model this many at a time to bound peak memory;
         the result is the same. With the Gaussian samplers the tangents themselves are drawn chunk by
         chunk (and drawn again to form the direction), so neither the K tangents nor the forward pass's
@@ -289,9 +303,7 @@ def value_and_sofo_grad(
             indices = jnp.arange(count * tangent_chunk_size).reshape(count, tangent_chunk_size)
             draw = lambda ix: _tangents.sample(key, params, tangent_size, sampler, ix, memory)  # noqa: E731
             outputs = fun(params)
-            output_tangents = jax.lax.map(
-                lambda ix: jax.vmap(lambda v: jax.jvp(fun, (params,), (v,))[1])(draw(ix)), indices
-            )
+            output_tangents = jax.lax.map(lambda ix: _chunk_output_tangents(fun, params, draw(ix)), indices)
             output_tangents = jax.tree_util.tree_map(
                 lambda a: a.reshape((-1,) + a.shape[2:])[:tangent_size], output_tangents
             )

@@ -96,7 +96,8 @@ def transform(
       curvature: the curvature form: "exact" (the default: the Hessian of `loss_fn`, right for any loss),
         or the fast paths "mse" and "ce", checked against `loss_fn` every step (see
         `sofo.value_and_sofo_grad`).
-      sampler: "normal", "layerwise", "balanced" or "orthonormal" tangents (see `sofo.value_and_sofo_grad`).
+      sampler: "normal", "layerwise", "balanced", "orthonormal" or the structured "rank1", "rank2",
+        "rank4" tangents (see `sofo.value_and_sofo_grad`).
       key: a `jax.random.key`, a legacy `PRNGKey` or an int seed. Step t draws its tangents from
         `jax.random.split(key_t)[1]` and keeps `[0]` as `key_{t+1}`: the same key gives the same
         trajectory.

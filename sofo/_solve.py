@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sofo import _structured
+
 
 def damped_solve(curvature: jax.Array, directional_derivatives: jax.Array, damping: float):
     """Solves (G + damping * max_eig(G) * I) c = g for a symmetric PSD-ish K x K sketch G.
@@ -38,7 +40,19 @@ def damped_solve(curvature: jax.Array, directional_derivatives: jax.Array, dampi
 
 
 def combine(tangents: Any, coefficients: jax.Array, cast: bool = True) -> Any:
-    """h = sum_k c_k v_k, shaped like one tangent; typed like the parameters (or, with cast=False, like c)."""
+    """h = sum_k c_k v_k, shaped like one tangent; typed like the parameters (or, with cast=False, like c).
+
+    Structured tangents (`sofo._structured.LowRank` leaves, a `Split`) are combined from their factors.
+    """
+    if _structured.is_structured(tangents):
+        total = _structured.combine(tangents, coefficients)
+        if not cast:
+            return total
+        like = tangents.head if isinstance(tangents, _structured.Split) else tangents
+        kinds = jax.tree_util.tree_leaves(like, is_leaf=lambda x: isinstance(x, _structured.LowRank))
+        flat, treedef = jax.tree_util.tree_flatten(total)
+        dtypes = [k.a.dtype if isinstance(k, _structured.LowRank) else k.dtype for k in kinds]
+        return jax.tree_util.tree_unflatten(treedef, [h.astype(d) for h, d in zip(flat, dtypes)])
 
     def leaf(v):
         h = jnp.tensordot(coefficients, v.astype(coefficients.dtype), axes=1)
