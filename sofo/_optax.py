@@ -41,6 +41,10 @@ class SofoState(NamedTuple):
         0 otherwise and before any step).
       accepted: whether the last step was applied (always True without adaptive damping).
       memory: the last m update directions (unit norm, newest first), or None with `memory_size=0`.
+      held_out_ratio: the previous step's reduction ratio on this call's batch, the one the damping
+        follows (`sofo.AdaptiveDamping.next_batch`); 0 when there was nothing to judge or it is off.
+      previous: the last step and what re-judging it needs (a `PreviousStep`: one parameter-sized
+        buffer), or None without adaptive damping or with `AdaptiveDamping(next_batch=False)`.
     """
 
     key: jax.Array
@@ -51,6 +55,8 @@ class SofoState(NamedTuple):
     ratio: jax.Array
     accepted: jax.Array
     memory: Any
+    held_out_ratio: Any = None
+    previous: Any = None
 
 
 def transform(
@@ -104,7 +110,11 @@ def transform(
         parameters `params - step_size * direction` on the same batch (one extra forward pass, or one
         rollout without tangents for a cell). A step whose loss is higher, or not finite, is rejected:
         the update is zeros (the parameters stay put) and the damping grows. Otherwise the ratio of the
-        actual to the predicted reduction (`sofo.predicted_reduction`) adjusts it.
+        actual to the predicted reduction (`sofo.predicted_reduction`) adjusts it. By default the next
+        update re-judges the step on its own batch (one more forward pass or rollout, and one
+        parameter-sized buffer in the state), so that with minibatches or fresh trials the damping
+        follows the held-out ratio (see `sofo.AdaptiveDamping`); this assumes the parameters passed next
+        are these minus `step_size` times the update (as `sofo.sofo` applies them).
       step_size: the learning rate the rest of the chain applies to this transform's output, a float or
         an optax schedule of the step count; only used by adaptive damping, to predict the reduction of
         the step actually taken. It must match: use `sofo.sofo(learning_rate)`, which sets both, or
@@ -146,6 +156,8 @@ def transform(
             ratio=jnp.zeros([], dtype),
             accepted=jnp.asarray(True),
             memory=_adaptive.init_memory(params, memory_size),
+            held_out_ratio=jnp.zeros([], dtype),
+            previous=_adaptive.init_previous(params, adaptive, damping, dtype),
         )
 
     def update_fn(
@@ -174,6 +186,7 @@ def transform(
         result = _adaptive.adaptive_step(
             lambda d, m: step(step_key, d, m), evaluate, params,
             state.damping if adaptive is not None else damping, state.memory, eta, adaptive, state.value.dtype,
+            state.previous,
         )
         new_state = SofoState(
             key=next_key,
@@ -184,6 +197,8 @@ def transform(
             ratio=result.ratio,
             accepted=result.accepted,
             memory=result.memory,
+            held_out_ratio=result.held_out_ratio.astype(state.value.dtype),
+            previous=result.previous,
         )
         return result.direction, new_state
 
