@@ -172,14 +172,22 @@ def minibatch_regression(seed=0, quick=True, iterations=None):
     )
 
 
-def fresh_flipflop(seed=0, quick=True, iterations=None):
-    """The 3-bit flip-flop with brand-new trials every step (batch 32, T=100), RNN N=64, K=32."""
+def fresh_flipflop(seed=0, quick=True, iterations=None, fresh=True):
+    """The 3-bit flip-flop with brand-new trials every step (batch 32, T=100), RNN N=64, K=32.
+
+    With `fresh=False`, the full-batch task of `benchmarks.tasks.flipflop` (quick sizes): the same 32
+    trials every step, scored by their loss (the control for the damping rule)."""
     iterations = iterations or (150 if quick else 500)
     hidden, batch, steps = 64, 32, 100
-    xs, ys = flipflop_data(iterations * batch, steps, seed=seed + 1000)
-    # (T, iterations * B, 3) -> (iterations, T, B, 3): batch t is trials [t B, (t + 1) B).
-    split = lambda a: jnp.asarray(a.reshape(steps, iterations, batch, 3).transpose(1, 0, 2, 3))  # noqa: E731
+    if fresh:
+        xs, ys = flipflop_data(iterations * batch, steps, seed=seed + 1000)
+        # (T, iterations * B, 3) -> (iterations, T, B, 3): batch t is trials [t B, (t + 1) B).
+        split = lambda a: jnp.asarray(a.reshape(steps, iterations, batch, 3).transpose(1, 0, 2, 3))  # noqa: E731
+    else:
+        xs, ys = flipflop_data(batch, steps, seed=seed)
+        split = lambda a: jnp.broadcast_to(jnp.asarray(a), (iterations,) + a.shape)  # noqa: E731
     batches = (split(xs), split(ys))
+    train_xs, train_ys = (jnp.asarray(a) for a in flipflop_data(batch, steps, seed=seed))
     test_xs, test_ys = (jnp.asarray(a) for a in flipflop_data(256, steps, seed=seed + 5000))
     cell = rnn_cell(0.5)
 
@@ -196,6 +204,25 @@ def fresh_flipflop(seed=0, quick=True, iterations=None):
         z0 = jnp.zeros((batch, hidden), jnp.float32)
         return opt.update(None, opt_state, params, cell=cell, loss_fn=mse, z0=z0, xs=xs_, ys=ys_)
 
+    if not fresh:
+        return StochasticProblem(
+            name="fixed_flipflop",
+            title=f"3-bit flip-flop, full batch (control), vanilla RNN (N={hidden}, T={steps})",
+            params=rnn_init(jax.random.key(seed + 1), hidden, 3, 3),
+            curvature="mse",
+            batches=batches,
+            batch_loss=batch_loss,
+            sofo_update=sofo_update,
+            evaluate=lambda p: {
+                "training loss": rollout_loss(p, train_xs, train_ys), "held-out loss": rollout_loss(p, test_xs, test_ys)
+            },
+            score="training loss",
+            higher_is_better=False,
+            iterations=iterations,
+            tangent_size=32,
+            adam_rates=(0.001, 0.003, 0.01, 0.03),
+            notes=f"the same {batch} trials every step, as `python -m benchmarks --quick --tasks flipflop`",
+        )
     return StochasticProblem(
         name="fresh_flipflop",
         title=f"3-bit flip-flop with fresh trials, vanilla RNN (N={hidden}, T={steps})",
@@ -218,6 +245,7 @@ TASKS: dict[str, Callable[..., StochasticProblem]] = {
     "mb_digits": minibatch_digits,
     "fresh_flipflop": fresh_flipflop,
     "mb_regression": minibatch_regression,
+    "fixed_flipflop": lambda seed=0, quick=True, iterations=None: fresh_flipflop(seed, quick, iterations, fresh=False),
 }
 
 # sofo.sofo damping variants (name -> adaptive_damping): "default" is the library's default.
