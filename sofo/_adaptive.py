@@ -35,13 +35,16 @@ class AdaptiveDamping(NamedTuple):
     sketch's small eigenvalues, and the step along them, are round-off.
 
     With `next_batch` (the default) that same-batch verdict is provisional. The next call re-evaluates
-    the previous step on its own batch, which the step was not fitted to: the held-out ratio
-    rho~ = (L_next(theta_prev) - L_next(theta)) / predicted_prev (one extra forward pass, and one
-    parameter-sized buffer holding the last step). The damping is then recomputed from the damping
-    before the previous step with rho~ in place of rho, and the current step's provisional verdict is
-    applied on top. So the schedule follows the held-out ratios; with minibatches it rises where steps
-    fit each batch's noise rather than the data. With full-batch training the next batch is the same
-    batch, rho~ = rho up to round-off, and the schedule is unchanged.
+    the previous step on its own batch, which the step was not fitted to (one extra forward pass, and one
+    parameter-sized buffer holding the last step): the held-out ratio
+    rho~ = (L_next(theta_prev) - L_next(theta)) / q, with q = step_size^2 / 2 * c^T G~ c the curvature term
+    of the step's predicted reduction. The previous damping update is then redone from the damping the
+    previous step was taken with, using min(rho, rho~), and the current step's provisional verdict is
+    applied on top. For a quadratic with the right curvature along the step, rho~ = 2a - 1 with a the
+    held-out-optimal length relative to the step's, so rho~ >= `lower_ratio` says the step was at most
+    2 / (1 + lower_ratio) times too long for data it was not fitted to, whatever the damping. With
+    full-batch training the next batch is the same batch; q <= the predicted reduction makes rho~ >= rho
+    for any accepted step, so the verdict, and the schedule, are unchanged (up to round-off).
 
     Attributes:
       min_damping: the smallest damping (relative to the top curvature eigenvalue).
@@ -149,12 +152,6 @@ def init_previous(params: Any, config: AdaptiveDamping | None, damping: Any, dty
     step = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
     zero = jnp.zeros([], dtype)
     return PreviousStep(step, zero, zero, jnp.asarray(damping, dtype))
-
-
-# Experiments only (BENCHMARKS.md, issue 15): judge by the held-out reduction over the predicted reduction
-# alone, instead of the curvature term and the same-batch ratio. It lost: its ratio cannot exceed the batch gradient's signal fraction,
-# so with noisy batches the damping ran to its ceiling.
-_HELD_OUT_OVER_PREDICTED = False
 
 
 def next_damping_fn(damping: jax.Array, ratio: jax.Array, accepted: jax.Array, config: AdaptiveDamping) -> jax.Array:
@@ -267,8 +264,6 @@ def adaptive_step(
                 judged, reduction_ratio(earlier_value, value, previous.curvature_term), 0.0
             ).astype(dtype)
             verdict = jnp.minimum(jnp.asarray(previous.ratio, dtype), held_out_ratio)
-            if _HELD_OUT_OVER_PREDICTED:
-                verdict = held_out_ratio
             rejudged = next_damping_fn(jnp.asarray(previous.damping, dtype), verdict, True, config)
             next_damping = jnp.where(judged, rejudged, next_damping)
         candidate = jax.tree_util.tree_map(
@@ -290,8 +285,6 @@ def adaptive_step(
         if previous is not None:
             c = info.coefficients
             curvature_term = 0.5 * step_size**2 * jnp.dot(c, info.curvature.astype(c.dtype) @ c)
-            if _HELD_OUT_OVER_PREDICTED:
-                curvature_term = predicted
             previous = PreviousStep(
                 step=jax.tree_util.tree_map(lambda h: (step_size * h).astype(h.dtype), direction),
                 ratio=ratio,
