@@ -337,7 +337,8 @@ def markdown(problem, results, seeds):
     for method, runs in results.items():
         cells = [_spread([r.scores[n] for r in runs]) for n in names]
         rejected = _spread([r.rejected for r in runs]) if "sofo" in method else "-"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {rejected} | {_spread([r.seconds for r in runs], 2)} |")
+        seconds = _spread([r.seconds for r in runs], 2)
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {rejected} | {seconds} |")
     return (
         f"### {problem.title}\n\n{problem.notes}; {len(seeds)} seeds ({seeds[0]}-{seeds[-1]}), "
         f"{problem.iterations} steps, K={problem.tangent_size}; median [min, max] over seeds.\n\n" + "\n".join(lines)

@@ -176,7 +176,8 @@ def test_brainstate_front_rejudges_too():
 
     unravel = jax.flatten_util.ravel_pytree(params0)[1]
     step1 = _flat(h1)
-    held_out = (loss(params0, batch_b) - loss(params1, batch_b)) / (0.5 * step1 @ _gn(params0, batch_a, unravel) @ step1)
+    curvature_term = 0.5 * step1 @ _gn(params0, batch_a, unravel) @ step1
+    held_out = (loss(params0, batch_b) - loss(params1, batch_b)) / curvature_term
     np.testing.assert_allclose(f.adaptive.held_out_ratio, held_out, rtol=1e-8)
 
 

@@ -130,7 +130,9 @@ class AdaptiveState:
         result = _adaptive.adaptive_step(
             engine_call, evaluate, params, damping, memory, self.step_size, self.config, dtype, previous
         )
-        new_state = (result.damping, result.ratio, result.accepted, result.memory, result.held_out_ratio, result.previous)
+        new_state = (
+            result.damping, result.ratio, result.accepted, result.memory, result.held_out_ratio, result.previous
+        )
         return result.direction, new_state
 
     def update(self, new_state) -> None:
