@@ -184,3 +184,15 @@ def test_brainstate_front_rejudges_too():
 def test_next_batch_must_be_a_bool():
     with pytest.raises(ValueError, match="next_batch must be True or False"):
         sofo.sofo(adaptive_damping=sofo.AdaptiveDamping(next_batch=1))
+
+
+@pytest.mark.slow
+def test_cli_runs_a_minibatch_task(tmp_path, capsys):
+    """`python -m benchmarks --tasks mb_regression` reaches the stochastic runner and writes its table."""
+    from benchmarks import cli
+
+    code = cli.main(["--tasks", "mb_regression", "--seeds", "1", "--iterations", "10", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Adam (tuned" in out and "sofo.sofo (default)" in out and "sofo.sofo (same_batch)" in out
+    assert (tmp_path / "stochastic.md").read_text().startswith("### Regression")
