@@ -136,7 +136,8 @@ class PreviousStep(NamedTuple):
       ratio: its reduction ratio on its own batch.
       curvature_term: the quadratic term of its predicted reduction, step_size^2 / 2 * c^T G~ c (0 if it
         was rejected or not finite, and before any step: nothing to re-judge).
-      damping: the damping the step was taken with, before its own update.
+      damping: the damping before the step's own update (with its predecessor's update already redone
+        from the held-out verdict); the step itself used the provisional value.
     """
 
     step: Any
