@@ -106,9 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in args.tasks if t not in TASKS]
+    from benchmarks.stochastic import TASKS as STOCHASTIC  # minibatch / fresh-trial tasks (issue 15)
+
+    unknown = [t for t in args.tasks if t not in TASKS and t not in STOCHASTIC]
     if unknown:
-        parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join([*TASKS, *STOCHASTIC])}")
+    args.stochastic = [t for t in args.tasks if t in STOCHASTIC]
+    args.tasks = [t for t in args.tasks if t not in STOCHASTIC]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad_methods = [m for m in args.methods if m not in METHODS]
     if bad_methods:
@@ -192,6 +196,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     args = parse_args(argv)
+    if args.stochastic:  # a fresh batch every step: their own runner and table (benchmarks/stochastic.py)
+        from benchmarks import stochastic
+
+        seed_list = list(range(args.seed, args.seed + args.seeds))
+        print(f"sofo minibatch benchmarks (seeds {seed_list[0]}-{seed_list[-1]}) on {machine_description()}")
+        text = stochastic.run(args.stochastic, seed_list, quick=args.quick, iterations=args.iterations)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "stochastic.md"), "w") as f:
+            f.write(text + "\n")
+        if not args.tasks:
+            return 0
 
     from tqdm.auto import tqdm
 

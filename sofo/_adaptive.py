@@ -5,6 +5,12 @@ and c = (G~ + lambda max_eig I)^-1 g~ in its `SofoInfo`, and the fronts pass lam
 at run time. This module only compares the model's predicted reduction with the actual one and adjusts
 lambda, the classic trust-region schedule (More, "The Levenberg-Marquardt algorithm: implementation and
 theory", 1978; Martens, "Deep learning via Hessian-free optimization", ICML 2010, Section 4.1).
+
+With minibatches the ratio on the batch a step was fitted to is biased upwards (the step fits that batch's
+noise), so each step is re-judged on the next call's batch, which it was not fitted to: the held-out
+ratio, the reduction ratio measured with independent samples as in stochastic trust-region methods
+(Chen, Menickelly & Scheinberg, "Stochastic optimization using a trust-region method and random models",
+Math. Programming 2018; Blanchet, Cartis, Menickelly & Scheinberg, INFORMS J. Optimization 2019).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class AdaptiveDamping(NamedTuple):
@@ -29,6 +36,18 @@ class AdaptiveDamping(NamedTuple):
     to the same bounds. A `max_damping` below that floor is refused when the optimizer state is built
     (raise it, use fewer tangents or float64).
 
+    With `next_batch` (the default) that same-batch verdict is provisional. The next call re-evaluates
+    the previous step on its own batch, which the step was not fitted to (one extra forward pass, and one
+    parameter-sized buffer holding the last step): the held-out ratio
+    rho~ = (L_next(theta_prev) - L_next(theta)) / q, with q = step_size^2 / 2 * c^T G~ c the curvature term
+    of the step's predicted reduction. The previous damping update is then redone from the damping the
+    previous step was taken with, using min(rho, rho~), and the current step's provisional verdict is
+    applied on top. For a quadratic with the right curvature along the step, rho~ = 2a - 1 with a the
+    held-out-optimal length relative to the step's, so rho~ >= `lower_ratio` says the step was at most
+    2 / (1 + lower_ratio) times too long for data it was not fitted to, whatever the damping. With
+    full-batch training the next batch is the same batch; q <= the predicted reduction makes rho~ >= rho
+    for any accepted step, so the verdict, and the schedule, are unchanged (up to round-off).
+
     Attributes:
       min_damping: the smallest damping (relative to the top curvature eigenvalue).
       max_damping: the largest damping. Near it the step is a scaled gradient step.
@@ -36,6 +55,7 @@ class AdaptiveDamping(NamedTuple):
       decrease: the divisor applied after a very good step (> 1).
       lower_ratio: rho below this counts as poor.
       upper_ratio: rho above this counts as very good.
+      next_batch: re-judge each step with its held-out ratio on the next call's batch (see above).
     """
 
     min_damping: float = 1e-8
@@ -44,6 +64,7 @@ class AdaptiveDamping(NamedTuple):
     decrease: float = 3.0
     lower_ratio: float = 0.25
     upper_ratio: float = 0.75
+    next_batch: bool = True
 
 
 def check_adaptive(adaptive: Any) -> AdaptiveDamping | None:
@@ -58,7 +79,9 @@ def check_adaptive(adaptive: Any) -> AdaptiveDamping | None:
             f"Pass e.g. adaptive_damping=sofo.AdaptiveDamping(increase=2.0) (under optax.inject_hyperparams, "
             f"list adaptive_damping in static_args)."
         )
-    for name in AdaptiveDamping._fields:
+    if not isinstance(adaptive.next_batch, (bool, np.bool_)):
+        raise ValueError(f"AdaptiveDamping.next_batch must be True or False; got {adaptive.next_batch!r}.")
+    for name in AdaptiveDamping._fields[:-1]:
         value = getattr(adaptive, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             raise ValueError(f"AdaptiveDamping.{name} must be a finite float; got {value!r}.")
@@ -136,6 +159,34 @@ def reduction_ratio(value: jax.Array, new_value: jax.Array, predicted: jax.Array
     return jnp.where(positive, actual / jnp.where(positive, predicted, 1), 0.0)
 
 
+class PreviousStep(NamedTuple):
+    """What the next call needs to re-judge a step on its own batch (see `AdaptiveDamping.next_batch`).
+
+    Attributes:
+      step: the step applied, step_size * direction (zeros if it was rejected), shaped like the params:
+        the params before it are the params after it plus `step`.
+      ratio: its reduction ratio on its own batch.
+      curvature_term: the quadratic term of its predicted reduction, step_size^2 / 2 * c^T G~ c (0 if it
+        was rejected or not finite, and before any step: nothing to re-judge).
+      damping: the damping before the step's own update (with its predecessor's update already redone
+        from the held-out verdict); the step itself used the provisional value.
+    """
+
+    step: Any
+    ratio: jax.Array
+    curvature_term: jax.Array
+    damping: jax.Array
+
+
+def init_previous(params: Any, config: AdaptiveDamping | None, damping: Any, dtype: Any) -> PreviousStep | None:
+    """An empty `PreviousStep` (nothing to re-judge), or None without next-batch re-judging."""
+    if config is None or not config.next_batch:
+        return None
+    step = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+    zero = jnp.zeros([], dtype)
+    return PreviousStep(step, zero, zero, jnp.asarray(damping, dtype))
+
+
 def next_damping_fn(damping: jax.Array, ratio: jax.Array, accepted: jax.Array, config: AdaptiveDamping) -> jax.Array:
     """One Levenberg-Marquardt update of the damping (see `AdaptiveDamping`)."""
     poor = jnp.logical_or(jnp.logical_not(accepted), ratio < config.lower_ratio)
@@ -199,9 +250,13 @@ class StepResult(NamedTuple):
     ratio: jax.Array
     accepted: jax.Array
     memory: Any
+    held_out_ratio: Any = None
+    previous: Any = None
 
 
-def adaptive_step(step, evaluate, params, damping, memory, step_size, config: AdaptiveDamping | None, dtype):
+def adaptive_step(
+    step, evaluate, params, damping, memory, step_size, config: AdaptiveDamping | None, dtype, previous=None
+):
     """One SOFO step with (optionally) Levenberg-Marquardt damping and memory, shared by every front.
 
     Args:
@@ -213,19 +268,47 @@ def adaptive_step(step, evaluate, params, damping, memory, step_size, config: Ad
       step_size: the learning rate that will be applied to the direction.
       config: the `AdaptiveDamping` schedule, or None for fixed damping (no re-evaluation).
       dtype: the dtype of the scalar diagnostics.
+      previous: the `PreviousStep` returned by the last call (from `init_previous` before the first), or
+        None to skip the next-batch re-judging. It assumes `params` = the last call's params + its step.
 
     Returns:
       A `StepResult`: the direction (zeros if the step was rejected), the loss before the step, the next
-      damping, the ratio rho, whether the step was accepted, and the next memory. A step size that is not
-      a finite number >= 0 (a schedule or an injected learning rate gone NaN) rejects the step, with or
-      without `config`: no scaling of its zeros could keep the parameters finite. The damping then stays.
+      damping, the ratio rho, whether the step was accepted, the next memory, the previous step's held-out
+      ratio on this batch (0 when there was nothing to judge) and the next `PreviousStep` (or None). A step
+      size that is not a finite number >= 0 (a schedule or an injected learning rate gone NaN) rejects the
+      step, with or without `config`: no scaling of its zeros could keep the parameters finite. The damping
+      then stays.
     """
     value, direction, info = step(damping, memory)
     ratio = jnp.zeros([], dtype)
+    held_out_ratio = jnp.zeros([], dtype)
     step_ok = finite_step_size(step_size)
     accepted = step_ok
     next_damping = jnp.asarray(damping, dtype)
     if config is not None:
+        # Below about K * eps (relative to the top eigenvalue) the K x K sketch's small eigenvalues are
+        # round-off, and so is the step along them: in float32 the damping must not go lower.
+        low, high = damping_bounds(config, info.coefficients.shape[0], info.coefficients.dtype)
+        if previous is not None:
+            # Re-judge the previous step on this batch, which it was not fitted to (the ratio from
+            # independent samples of stochastic trust-region methods; the same batch at both points cancels
+            # most of the batch-to-batch noise), and redo its damping update with the worse of the two
+            # verdicts. The held-out reduction is compared with the step's curvature term q: for a quadratic
+            # along the step with the right curvature, it is (2 a - 1) q where a is the held-out-optimal
+            # length relative to the step's, so ratio >= lower_ratio means the step was at most
+            # 2 / (1 + lower_ratio) times too long for data it was not fitted to. Whatever the damping,
+            # q <= the predicted reduction, so with full batches (same data) the verdict is the old one.
+            earlier = jax.tree_util.tree_map(
+                lambda p, s: (p + s).astype(jnp.result_type(p)), params, previous.step
+            )
+            earlier_value = evaluate(earlier)
+            judged = (previous.curvature_term > 0) & jnp.isfinite(earlier_value) & jnp.isfinite(value)
+            held_out_ratio = jnp.where(
+                judged, reduction_ratio(earlier_value, value, previous.curvature_term), 0.0
+            ).astype(dtype)
+            verdict = jnp.minimum(jnp.asarray(previous.ratio, dtype), held_out_ratio)
+            rejudged = jnp.clip(next_damping_fn(jnp.asarray(previous.damping, dtype), verdict, True, config), low, high)
+            next_damping = jnp.where(judged, rejudged, next_damping).astype(dtype)
         # A NaN step size must not reach the candidate (or the ratio): evaluate at a harmless 0 instead.
         usable = jnp.where(step_ok, step_size, 0)
         candidate = jax.tree_util.tree_map(
@@ -236,16 +319,23 @@ def adaptive_step(step, evaluate, params, damping, memory, step_size, config: Ad
         accepted = finite & (new_value <= value)
         ratio = reduction_ratio(value, new_value, predicted_reduction(info, usable))
         ratio = jnp.where(finite, ratio, 0.0).astype(dtype)
-        # Below about K * eps (relative to the top eigenvalue) the K x K sketch's small eigenvalues are
-        # round-off, and so is the step along them: in float32 the damping must not go lower.
-        low, high = damping_bounds(config, info.coefficients.shape[0], info.coefficients.dtype)
+        base_damping = next_damping
         adapted = jnp.clip(next_damping_fn(next_damping, ratio, accepted, config), low, high)
         # A step refused for its step size says nothing about the model: the damping stays.
         next_damping = jnp.where(step_ok, adapted, next_damping).astype(dtype)
     direction = jax.tree_util.tree_map(lambda h: jnp.where(accepted, h, jnp.zeros_like(h)), direction)
+    if config is not None and previous is not None:
+        c = info.coefficients
+        curvature_term = 0.5 * usable**2 * jnp.dot(c, info.curvature.astype(c.dtype) @ c)
+        previous = PreviousStep(
+            step=jax.tree_util.tree_map(lambda h: (usable * h).astype(h.dtype), direction),
+            ratio=ratio,
+            curvature_term=jnp.where(accepted, curvature_term, 0.0).astype(dtype),
+            damping=base_damping.astype(dtype),
+        )
     if memory is not None:
         # Without adaptive damping every step is applied, but a non-finite one must not poison the memory.
         keep = accepted & all_finite(direction)
         pushed = push_memory(memory, direction)
         memory = jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old), pushed, memory)
-    return StepResult(value, direction, info, next_damping, ratio, accepted, memory)
+    return StepResult(value, direction, info, next_damping, ratio, accepted, memory, held_out_ratio, previous)

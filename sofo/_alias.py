@@ -66,8 +66,10 @@ def sofo(
         "orthonormal", or the structured "rank1" / "rank2" / "rank4" (rank-r matrix tangents kept
         factored through the matmuls: a cheaper step; see `sofo.value_and_sofo_grad`).
       damping: the initial relative damping.
-      adaptive_damping: True (the default `sofo.AdaptiveDamping()` schedule), a `sofo.AdaptiveDamping`,
-        or False for fixed damping (then nothing is re-evaluated and every step is applied).
+      adaptive_damping: True (the default `sofo.AdaptiveDamping()` schedule, which also re-judges each
+        step on the next update's batch so that minibatch noise raises the damping), a
+        `sofo.AdaptiveDamping`, or False for fixed damping (then nothing is re-evaluated and every step is
+        applied).
       memory_size: how many past update directions replace random tangents (0 for none); None (default)
         for min(4, tangent_size // 4).
       tangent_chunk_size: push the tangents through the model this many at a time to bound memory.

@@ -42,6 +42,10 @@ class SofoState(NamedTuple):
         0 otherwise and before any step).
       accepted: whether the last step was applied (always True without adaptive damping).
       memory: the last m update directions (unit norm, newest first), or None with `memory_size=0`.
+      held_out_ratio: the previous step's reduction ratio on this call's batch, the one the damping
+        follows (`sofo.AdaptiveDamping.next_batch`); 0 when there was nothing to judge or it is off.
+      previous: the last step and what re-judging it needs (a `PreviousStep`: one parameter-sized
+        buffer), or None without adaptive damping or with `AdaptiveDamping(next_batch=False)`.
     """
 
     key: jax.Array
@@ -52,6 +56,8 @@ class SofoState(NamedTuple):
     ratio: jax.Array
     accepted: jax.Array
     memory: Any
+    held_out_ratio: Any = None
+    previous: Any = None
 
 
 def transform(
@@ -109,7 +115,11 @@ def transform(
         parameters `params - step_size * direction` on the same batch (one extra forward pass, or one
         rollout without tangents for a cell). A step whose loss is higher, or not finite, is rejected:
         the update is zeros (the parameters stay put) and the damping grows. Otherwise the ratio of the
-        actual to the predicted reduction (`sofo.predicted_reduction`) adjusts it.
+        actual to the predicted reduction (`sofo.predicted_reduction`) adjusts it. By default the next
+        update re-judges the step on its own batch (one more forward pass or rollout, and one
+        parameter-sized buffer in the state), so that with minibatches or fresh trials the damping
+        follows the held-out ratio (see `sofo.AdaptiveDamping`); this assumes the parameters passed next
+        are these minus `step_size` times the update (as `sofo.sofo` applies them).
       step_size: the learning rate the rest of the chain applies to this transform's output, a float or
         an optax schedule of the step count; only used by adaptive damping, to predict the reduction of
         the step actually taken. It must match: use `sofo.sofo(learning_rate)`, which sets both, or
@@ -168,15 +178,18 @@ def _transform(
             raise TypeError(f"{front}'s init needs the parameters to train; call opt_state = optimizer.init(params).")
         _checks.check_tangent_count(tangent_size, sampler, _checks.check_params(params))
         dtype = _tangents.compute_dtype(params)
+        start = _adaptive.initial_damping(damping, adaptive, tangent_size, dtype)
         return SofoState(
             key=key_data,
             count=jnp.zeros([], jnp.int32),
             value=jnp.zeros([], dtype),
             top_eigenvalue=jnp.zeros([], dtype),
-            damping=_adaptive.initial_damping(damping, adaptive, tangent_size, dtype),
+            damping=start,
             ratio=jnp.zeros([], dtype),
             accepted=jnp.asarray(True),
             memory=_adaptive.init_memory(params, memory_size),
+            held_out_ratio=jnp.zeros([], dtype),
+            previous=_adaptive.init_previous(params, adaptive, start, dtype),
         )
 
     def update_fn(
@@ -198,7 +211,7 @@ def _transform(
         step, evaluate = _step(
             state, params, fun=fun, loss_fn=loss_fn, cell=cell, z0=z0, xs=xs, ys=ys, config=config, front=front
         )
-        _check_state(state, params, front, memory_size, key_data)
+        _check_state(state, params, front, memory_size, key_data, adaptive)
         state_key = jnp.asarray(state.key)
         if not jnp.issubdtype(state_key.dtype, jax.dtypes.prng_key):
             state_key = jax.random.wrap_key_data(state_key, impl=key_impl)
@@ -209,6 +222,7 @@ def _transform(
         result = _adaptive.adaptive_step(
             lambda d, m: step(step_key, d, m), evaluate, params,
             state.damping if adaptive is not None else damping, state.memory, eta, adaptive, state.value.dtype,
+            state.previous,
         )
         new_state = SofoState(
             key=jax.random.key_data(next_key),
@@ -219,16 +233,19 @@ def _transform(
             ratio=result.ratio,
             accepted=result.accepted,
             memory=result.memory,
+            held_out_ratio=result.held_out_ratio.astype(state.value.dtype),
+            previous=result.previous,
         )
         return result.direction, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_state(state, params, front, memory_size, key_data):
+def _check_state(state, params, front, memory_size, key_data, adaptive=None):
     """The state must come from this configuration: a memory of `memory_size` directions shaped like
-    `params` (or none), and a key of the configured kind. Says what differs (e.g. after a checkpoint is
-    restored into another configuration)."""
+    `params` (or none), a previous step for next-batch re-judging exactly when the schedule asks for one,
+    and a key of the configured kind. Says what differs (e.g. after a checkpoint is restored into another
+    configuration)."""
     fix = (
         f"The state was built by a differently configured optimizer (e.g. a checkpoint saved with other "
         f"options); restore it into {front}(...) with the options it was saved with, or start afresh from "
@@ -248,6 +265,17 @@ def _check_state(state, params, front, memory_size, key_data):
             _checks.check_memory(state.memory, params, memory_size + 1)
         except ValueError as error:
             raise ValueError(f"{front}: the optimizer state's memory does not match params: {error} {fix}") from None
+    wants_previous = adaptive is not None and adaptive.next_batch
+    if (state.previous is not None) != wants_previous:
+        what = "a previous step to re-judge" if state.previous is not None else "no previous step"
+        raise ValueError(
+            f"{front}: the optimizer state holds {what}, but this optimizer has "
+            f"{'AdaptiveDamping(next_batch=True)' if wants_previous else 'no next-batch re-judging'}. {fix}"
+        )
+    if state.previous is not None and (
+        jax.tree_util.tree_structure(state.previous.step) != jax.tree_util.tree_structure(params)
+    ):
+        raise ValueError(f"{front}: the optimizer state's previous step does not have params' structure. {fix}")
     key = jnp.asarray(state.key)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)

@@ -80,6 +80,9 @@ class AdaptiveState:
       ratio: the last reduction ratio rho = actual / predicted reduction (None before any call).
       accepted: whether the last direction was returned (False: it was rejected, zeros were returned).
       memory: the stored directions (in the engine's parameter layout), or None.
+      held_out_ratio: the previous step's reduction ratio on this call's data (`sofo.AdaptiveDamping`'s
+        next_batch; None before the second call or without it).
+      previous: the last step, kept to re-judge it on the next call's data, or None.
     """
 
     def __init__(self, transform, adaptive_damping, step_size, memory_size, damping, tangent_size):
@@ -95,6 +98,8 @@ class AdaptiveState:
         self.ratio = None
         self.accepted = None
         self.memory = None
+        self.held_out_ratio = None
+        self.previous = None
 
     @property
     def active(self) -> bool:
@@ -114,22 +119,33 @@ class AdaptiveState:
         if self.config is not None:
             # The initial damping within the schedule's bounds, as every later one (a no-op after a call).
             self.damping = float(_adaptive.initial_damping(self.damping, self.config, self.tangent_size, dtype))
-        return jnp.asarray(self.damping, dtype), self.memory
+        if self.previous is not None and (
+            jax.tree_util.tree_structure(self.previous.step) != jax.tree_util.tree_structure(params)
+        ):
+            self.previous = None  # the differentiated States changed: nothing comparable to re-judge
+        if self.previous is None:
+            self.previous = _adaptive.init_previous(params, self.config, self.damping, dtype)
+        return jnp.asarray(self.damping, dtype), self.memory, self.previous
 
-    def run(self, engine_call, evaluate, params, damping, memory):
+    def run(self, engine_call, evaluate, params, damping, memory, previous):
         """Inside the compiled step: one adaptive step; returns (direction, the new state's arrays)."""
         dtype = _tangents.compute_dtype(params)
         result = _adaptive.adaptive_step(
-            engine_call, evaluate, params, damping, memory, self.step_size, self.config, dtype
+            engine_call, evaluate, params, damping, memory, self.step_size, self.config, dtype, previous
         )
-        return result.direction, (result.damping, result.ratio, result.accepted, result.memory)
+        new_state = (
+            result.damping, result.ratio, result.accepted, result.memory, result.held_out_ratio, result.previous
+        )
+        return result.direction, new_state
 
     def update(self, new_state) -> None:
-        damping, ratio, accepted, memory = new_state
+        damping, ratio, accepted, memory, held_out_ratio, previous = new_state
         self.damping = float(damping)
         self.ratio = float(ratio) if self.config is not None else None
         self.accepted = bool(accepted)
         self.memory = memory
+        self.previous = previous
+        self.held_out_ratio = float(held_out_ratio) if previous is not None else None
 
 
 def sofo_grad(
