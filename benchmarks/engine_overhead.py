@@ -108,7 +108,7 @@ def unrolled_fns(problem: dict, tangent_size: int) -> tuple[Callable, Callable]:
         return jax.vmap(lambda v: jax.jvp(fun, (params,), (v,)), out_axes=(None, 0))(tangents)
 
     engine = jax.jit(
-        sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=tangent_size, damping=DAMPING, loss="mse")
+        sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=tangent_size, damping=DAMPING, curvature="mse")
     )
     return floor, engine
 
@@ -141,7 +141,7 @@ def scan_fns(tangent_size: int) -> tuple[Callable, Callable]:
     floor(params, tangents, z0, xs, ys) and engine(key, params, z0, xs, ys).
     """
     engine = jax.jit(
-        sofo.value_and_sofo_grad_scan(rnn_cell, mse, tangent_size=tangent_size, damping=DAMPING, loss="mse")
+        sofo.value_and_sofo_grad_scan(rnn_cell, mse, tangent_size=tangent_size, damping=DAMPING, curvature="mse")
     )
     return scan_floor_fn(tangent_size), engine
 

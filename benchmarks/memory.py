@@ -40,7 +40,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 def sofo_scan_step(tangent_size: int) -> Callable:
     """step(key, params, z0, xs, ys) -> (value, direction, info)."""
-    return sofo.value_and_sofo_grad_scan(rnn_cell, mse, tangent_size=tangent_size, loss="mse")
+    return sofo.value_and_sofo_grad_scan(rnn_cell, mse, tangent_size=tangent_size, curvature="mse")
 
 
 def sofo_unrolled_step(tangent_size: int) -> Callable:

@@ -2,8 +2,9 @@
 
 - SOFO plain: `optax.chain(sofo.transform(...), optax.sgd(lr))` (K random tangents, Gauss-Newton in their
   span with the task's fixed damping, params -= lr * direction): the paper's algorithm.
-- sofo.sofo: the recommended configuration, `sofo.sofo(tangent_size=K, loss=...)` with its defaults
-  (learning rate 1, Levenberg-Marquardt damping, one remembered direction), the same on every task.
+- sofo.sofo: the recommended configuration, `sofo.sofo(tangent_size=K)` with its defaults (learning
+  rate 1, Levenberg-Marquardt damping re-judged on the next batch, min(4, K // 4) remembered directions,
+  balanced tangents, curvature "exact"), the same on every task.
 - FGD (forward gradient descent): the SAME K tangents and the same forward pass, but no curvature:
   direction = (n / K) sum_k (v_k^T grad L) v_k, from the engine's `info.directional_derivatives`. The
   tangents have unit norm, so E[v v^T] = I / n and the n / K factor makes the direction an unbiased
@@ -74,7 +75,7 @@ def _model_args(problem: Problem) -> dict:
 def sofo_engine(problem: Problem, tangent_size: int, sampler: str | None = None):
     """`f(key, params) -> (value, direction, info)`: the engine on the problem (the scan twin for RNNs)."""
     sampler = problem.sampler if sampler is None else sampler
-    settings = dict(tangent_size=tangent_size, damping=problem.damping, loss=problem.curvature, sampler=sampler)
+    settings = dict(tangent_size=tangent_size, damping=problem.damping, curvature=problem.curvature, sampler=sampler)
     if not problem.recurrent:
         return sofo.value_and_sofo_grad(problem.fun, problem.loss_fn, **settings)
     engine = sofo.value_and_sofo_grad_scan(problem.cell, problem.step_loss, **settings)
@@ -99,7 +100,7 @@ def make_sofo(problem: Problem, tangent_size: int, seed: int = 0) -> Optimizer:
             sofo.transform(
                 tangent_size=tangent_size,
                 damping=problem.damping,
-                loss=problem.curvature,
+                curvature=problem.curvature,
                 sampler=problem.sampler,
                 key=jax.random.key(seed),
             ),
@@ -118,9 +119,10 @@ def make_sofo(problem: Problem, tangent_size: int, seed: int = 0) -> Optimizer:
 
 
 def make_sofo_recommended(problem: Problem, tangent_size: int, seed: int = 0) -> Optimizer:
-    """`sofo.sofo(tangent_size=K, loss=..., key=seed)` with every other setting at its default. The
-    learning rate passed to `step` is ignored: the alias's default (1.0) is the point."""
-    optimizer = sofo.sofo(tangent_size=tangent_size, loss=problem.curvature, key=jax.random.key(seed))
+    """`sofo.sofo(tangent_size=K, key=seed)` with every other setting at its default (the curvature
+    "exact" included). The learning rate passed to `step` is ignored: the alias's default (1.0) is the
+    point."""
+    optimizer = sofo.sofo(tangent_size=tangent_size, key=jax.random.key(seed))
 
     def init(params):
         return params, optimizer.init(params)

@@ -108,7 +108,7 @@ def main(argv=None):
         for variant in variants:
             finals, speedups = [], []
             for seed, ((p, f, l, curvature), target, a_it) in enumerate(zip(setups, targets, adam_iters)):
-                opt = sofo.sofo(tangent_size=args.tangent_size, loss=curvature, key=seed, **VARIANTS[variant])
+                opt = sofo.sofo(tangent_size=args.tangent_size, curvature=curvature, key=seed, **VARIANTS[variant])
                 c = _curve(p, f, l, opt, args.iterations, True)
                 finals.append(float(c[-1]))
                 reached = c <= target

@@ -318,7 +318,7 @@ def run_task(name, seeds, quick=True, iterations=None, variants=("default", "sam
         runs = []
         for seed, p in zip(seeds, problems):
             make = lambda: sofo.sofo(  # noqa: E731
-                tangent_size=p.tangent_size, loss=p.curvature, key=seed, adaptive_damping=VARIANTS[variant]
+                tangent_size=p.tangent_size, curvature=p.curvature, key=seed, adaptive_damping=VARIANTS[variant]
             )
             runs.append(_run(p, make, p.sofo_update))
         results[f"sofo.sofo ({variant})"] = runs

@@ -79,7 +79,7 @@ def step_fns(problem, tangent_size):
     for sampler in SAMPLERS:
         engine = sofo.value_and_sofo_grad_scan(
             problem.cell, problem.step_loss, tangent_size=tangent_size, damping=problem.damping,
-            loss=problem.curvature, sampler=sampler,
+            curvature=problem.curvature, sampler=sampler,
         )
         fns[sampler] = jax.jit(
             lambda key, params, engine=engine: engine(key, params, problem.z0, problem.xs, problem.ys)
@@ -120,7 +120,7 @@ def step_table(rounds: int, sizes=(K,)):
 
 def run_sofo(problem, sampler, tangent_size, seed, iterations):
     """Losses per iteration of `sofo.sofo` (defaults) on a recurrent problem; jitted scan over iterations."""
-    opt = sofo.sofo(tangent_size=tangent_size, loss=problem.curvature, sampler=sampler, key=seed)
+    opt = sofo.sofo(tangent_size=tangent_size, curvature=problem.curvature, sampler=sampler, key=seed)
 
     def one(carry, _):
         params, state = carry

@@ -77,9 +77,10 @@ TIME = 1000 if ACCELERATOR else 100     # RNN time steps
 ## 1. The engine: `sofo.value_and_sofo_grad`
 
 `sofo.value_and_sofo_grad(fun, loss_fn, ...)` returns a pure function `f(key, params) -> (value,
-direction, info)`. The loss is written in the form the curvature shortcut `loss="mse"` is exact for:
-`0.5 * mean over the batch of the summed squared error` (use `loss="ce"` for softmax cross-entropy
-and `loss="exact"` for any other loss).
+direction, info)`. The default curvature, `"exact"`, uses the Hessian of `loss_fn` itself, so any loss
+works; here the loss is `0.5 * mean over the batch of the summed squared error`, the form the fast path
+`curvature="mse"` assumes (it is checked against `loss_fn` every step; `"ce"` is the softmax
+cross-entropy one).
 """
     ),
     code(
@@ -103,7 +104,7 @@ def loss_fn(out):
     return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
 
 
-sofo_step = jax.jit(sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=TANGENTS, damping=1e-3, loss="mse"))
+sofo_step = jax.jit(sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=TANGENTS, damping=1e-3, curvature="mse"))
 value, direction, info = sofo_step(jax.random.key(1), params)
 print("loss", float(value))
 print("direction has the parameters' structure:", jax.tree.map(jnp.shape, direction))
@@ -159,7 +160,7 @@ Any optax transform can follow it (momentum, schedules, clipping). Here it is si
     ),
     code(
         """
-sofo_opt = optax.chain(sofo.transform(tangent_size=TANGENTS, damping=1e-3, loss="mse", key=0), optax.sgd(1.0))
+sofo_opt = optax.chain(sofo.transform(tangent_size=TANGENTS, damping=1e-3, curvature="mse", key=0), optax.sgd(1.0))
 
 
 @jax.jit
@@ -197,7 +198,7 @@ plt.xlabel("step"); plt.ylabel("loss"); plt.legend(); plt.tight_layout(); plt.sh
     ),
     md(
         """
-Classification uses `loss="ce"` (softmax cross-entropy over the last axis). With minibatches, build
+Classification uses `curvature="ce"` (softmax cross-entropy over the last axis). With minibatches, build
 `fun` and `loss_fn` inside the jitted step as closures over the batch:
 """
     ),
@@ -221,7 +222,7 @@ def cross_entropy(logits, yb):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=-1))
 
 
-classifier = optax.chain(sofo.transform(tangent_size=TANGENTS, damping=1e-3, loss="ce", key=1), optax.sgd(1.0))
+classifier = optax.chain(sofo.transform(tangent_size=TANGENTS, damping=1e-3, curvature="ce", key=1), optax.sgd(1.0))
 
 
 @jax.jit

@@ -72,7 +72,7 @@ def test_full_rank_orthonormal_equals_dense_damped_gauss_newton(loss, make_loss)
     loss_fn = make_loss(targets, labels)
     n = n_params(params)
     step = sofo.value_and_sofo_grad(
-        fun, loss_fn, tangent_size=n, damping=DAMPING, loss=loss, sampler="orthonormal"
+        fun, loss_fn, tangent_size=n, damping=DAMPING, curvature=loss, sampler="orthonormal"
     )
     value, direction, info = jax.jit(step)(jax.random.key(3), params)
     reference, grad, ggn, _ = dense_gauss_newton(fun, loss_fn, params, DAMPING)
@@ -92,7 +92,7 @@ def test_sketch_and_directional_derivatives_are_projections(sampler, loss):
     key = jax.random.key(11)
     k = 7
     value, direction, info = sofo.value_and_sofo_grad(
-        fun, loss_fn, tangent_size=k, damping=DAMPING, loss=loss, sampler=sampler
+        fun, loss_fn, tangent_size=k, damping=DAMPING, curvature=loss, sampler=sampler
     )(key, params)
     tangents = jax.vmap(lambda v: ravel_pytree(v)[0])(_tangents.sample(key, params, k, sampler))
     _, grad, ggn, unravel = dense_gauss_newton(fun, loss_fn, params, DAMPING)
@@ -162,7 +162,7 @@ def test_time_major_and_pytree_outputs_match_dense_reference():
 
     n = n_params(params)
     _, direction, _ = sofo.value_and_sofo_grad(
-        fun, loss_fn, tangent_size=n, damping=DAMPING, loss="mse", sampler="orthonormal"
+        fun, loss_fn, tangent_size=n, damping=DAMPING, curvature="mse", sampler="orthonormal"
     )(0, params)
     reference, *_ = dense_gauss_newton(fun, loss_fn, params, DAMPING)
     np.testing.assert_allclose(ravel_pytree(direction)[0], reference, rtol=1e-6)
@@ -181,7 +181,7 @@ def test_ce_on_time_major_logits_matches_dense_reference():
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1))
 
     _, direction, _ = sofo.value_and_sofo_grad(
-        fun, loss_fn, tangent_size=12, damping=DAMPING, loss="ce", sampler="orthonormal"
+        fun, loss_fn, tangent_size=12, damping=DAMPING, curvature="ce", sampler="orthonormal"
     )(1, params)
     reference, *_ = dense_gauss_newton(fun, loss_fn, params, DAMPING)
     np.testing.assert_allclose(ravel_pytree(direction)[0], reference, rtol=1e-6)
@@ -196,7 +196,7 @@ def test_zero_curvature_stays_finite():
     np.testing.assert_array_equal(direction["w"], 0.0)
     assert info.top_eigenvalue == 0.0
     # A loss linear in the outputs: gradient but no curvature at all.
-    linear = sofo.value_and_sofo_grad(lambda p: p["w"] * 2.0, jnp.sum, tangent_size=4, loss="exact")
+    linear = sofo.value_and_sofo_grad(lambda p: p["w"] * 2.0, jnp.sum, tangent_size=4, curvature="exact")
     _, direction, _ = linear(0, params)
     assert np.all(np.isfinite(direction["w"]))
     grad = jax.grad(lambda p: jnp.sum(p["w"] * 2.0))(params)["w"]
@@ -207,7 +207,7 @@ def test_exact_clips_negative_curvature():
     """A concave loss: the sketch is negative definite, the clipped solve still gives a finite descent step."""
     params = jnp.array([0.3, -0.2, 0.5])
     step = sofo.value_and_sofo_grad(lambda p: p, lambda y: -jnp.sum(y**2) + jnp.sum(y), tangent_size=3,
-                                    sampler="orthonormal", loss="exact")
+                                    sampler="orthonormal", curvature="exact")
     _, direction, info = step(0, params)
     assert info.top_eigenvalue < 0
     assert np.all(np.isfinite(direction))
@@ -286,13 +286,13 @@ def test_bad_model_and_loss_outputs():
     with pytest.raises(TypeError, match="loss_fn must return a floating scalar.*shape \\(3,\\)"):
         sofo.value_and_sofo_grad(lambda p: p["w"], lambda y: y, tangent_size=2)(0, params)
     with pytest.raises(ValueError, match="class axis"):
-        sofo.value_and_sofo_grad(lambda p: jnp.sum(p["w"]), lambda y: y, tangent_size=2, loss="ce")(0, params)
+        sofo.value_and_sofo_grad(lambda p: jnp.sum(p["w"]), lambda y: y, tangent_size=2, curvature="ce")(0, params)
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 5, 64])
 def test_tangent_chunks_give_the_same_direction(chunk):
     params, fun, targets, labels = mlp_problem(seed=4)
-    kwargs = dict(tangent_size=13, damping=DAMPING, loss="ce")
+    kwargs = dict(tangent_size=13, damping=DAMPING, curvature="ce")
     _, whole, info = jax.jit(sofo.value_and_sofo_grad(fun, ce_loss(labels), **kwargs))(2, params)
     _, chunked, info_chunked = jax.jit(
         sofo.value_and_sofo_grad(fun, ce_loss(labels), tangent_chunk_size=chunk, **kwargs)

@@ -55,13 +55,13 @@ def test_concave_exact_loss_gives_a_step_bounded_by_g_over_damping(dtype):
     loss_fn = lambda o: -0.5 * o**2  # noqa: E731
     params = jnp.full(10, 0.1, dtype)
     # The reproducer: normal tangents, K = 4.
-    _, direction, info = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=4, damping=1e-3, loss="exact")(0, params)
+    _, direction, info = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=4, damping=1e-3, curvature="exact")(0, params)
     grad = np.asarray(jax.grad(lambda p: loss_fn(fun(p)))(params), np.float64)
     assert np.all(np.isfinite(direction))
     assert np.linalg.norm(direction) <= 1.001 * np.linalg.norm(grad) / 1e-3
     # K = n orthonormal: V V^T = I, the curvature is all clipped, so the direction is exactly g / damping.
     _, direction, _ = sofo.value_and_sofo_grad(
-        fun, loss_fn, tangent_size=10, damping=1e-3, loss="exact", sampler="orthonormal"
+        fun, loss_fn, tangent_size=10, damping=1e-3, curvature="exact", sampler="orthonormal"
     )(0, params)
     rtol = 1e-4 if dtype == jnp.float32 else 1e-10
     np.testing.assert_allclose(np.asarray(direction, np.float64), grad / 1e-3, rtol=rtol, atol=rtol * np.abs(grad).max() / 1e-3)
@@ -115,7 +115,7 @@ def test_empty_output_leaves_contribute_nothing(loss):
     for empty in (jnp.zeros((0, 3)), jnp.zeros((4, 0))):
         fun = lambda p: {"y": x @ p, "e": empty * jnp.sum(p)}  # noqa: E731
         _, direction, info = sofo.value_and_sofo_grad(
-            fun, loss_fn, tangent_size=6, damping=1e-3, loss=loss, sampler="orthonormal"
+            fun, loss_fn, tangent_size=6, damping=1e-3, curvature=loss, sampler="orthonormal"
         )(0, params)
         expected, _ = dense_direction(fun, loss_fn, params, 1e-3, gauss_newton=loss != "exact")
         assert np.all(np.isfinite(info.curvature))
@@ -184,8 +184,8 @@ def test_seeds_beyond_32_bits_are_rejected_without_x64():
 
 
 def test_ce_on_a_scalar_output_is_an_early_error():
-    step = sofo.value_and_sofo_grad(lambda p: jnp.sum(p), lambda y: y, loss="ce", tangent_size=2)
-    with pytest.raises(ValueError, match="loss='ce'.*scalar"):
+    step = sofo.value_and_sofo_grad(lambda p: jnp.sum(p), lambda y: y, curvature="ce", tangent_size=2)
+    with pytest.raises(ValueError, match="curvature='ce'.*scalar"):
         step(0, jnp.ones(3))
 
 
@@ -251,7 +251,7 @@ def test_scan_carries_an_integer_latent_leaf_like_the_unrolled_model(chunk):
     z0 = (jnp.asarray(rng.normal(size=3)), jnp.int32(0))
     loss_t = lambda y, t: 0.5 * jnp.sum((y - t) ** 2)  # noqa: E731
     value, direction, _ = sofo.value_and_sofo_grad_scan(
-        _rnn, loss_t, tangent_size=6, damping=1e-4, loss="exact", sampler="orthonormal", tangent_chunk_size=chunk
+        _rnn, loss_t, tangent_size=6, damping=1e-4, curvature="exact", sampler="orthonormal", tangent_chunk_size=chunk
     )(0, params, z0, xs, ys)
     fun = lambda p: _unrolled(p, xs, z0)  # noqa: E731
     total = lambda y: jnp.sum(jax.vmap(loss_t)(y, ys))  # noqa: E731
@@ -281,17 +281,17 @@ def _check_properties(seed, batch, hidden, loss, damping):
     n = 5 * hidden
     # Dense parity in float64 with K = n orthonormal tangents.
     _, direction, _ = sofo.value_and_sofo_grad(
-        fun, loss_fn, tangent_size=n, damping=damping, loss=loss, sampler="orthonormal"
+        fun, loss_fn, tangent_size=n, damping=damping, curvature=loss, sampler="orthonormal"
     )(seed, params)
     expected, grad = dense_direction(fun, loss_fn, params, damping)
     np.testing.assert_allclose(flat(direction), expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
     # Random K < n: finite, a descent direction, the same whatever the chunk size.
     k = max(1, n // 2)
-    _, direction, _ = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=k, damping=damping, loss=loss)(seed, params)
+    _, direction, _ = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=k, damping=damping, curvature=loss)(seed, params)
     assert np.all(np.isfinite(flat(direction)))
     assert flat(direction) @ grad >= -1e-12 * np.linalg.norm(grad) * np.linalg.norm(flat(direction))
     _, chunked, _ = sofo.value_and_sofo_grad(
-        fun, loss_fn, tangent_size=k, damping=damping, loss=loss, tangent_chunk_size=2
+        fun, loss_fn, tangent_size=k, damping=damping, curvature=loss, tangent_chunk_size=2
     )(seed, params)
     np.testing.assert_allclose(flat(chunked), flat(direction), rtol=1e-8, atol=1e-12)
 
@@ -303,7 +303,7 @@ def _check_scan_is_unrolled(seed, steps):
     z0 = (jnp.asarray(rng.normal(size=2)), jnp.int32(0))
     loss_t = lambda y, t: 0.5 * jnp.sum((y - t) ** 2)  # noqa: E731
     _, direction, _ = sofo.value_and_sofo_grad_scan(
-        _rnn, loss_t, tangent_size=4, damping=1e-3, loss="exact", sampler="orthonormal"
+        _rnn, loss_t, tangent_size=4, damping=1e-3, curvature="exact", sampler="orthonormal"
     )(seed, params, z0, xs, ys)
     fun = lambda p: _unrolled(p, xs, z0)  # noqa: E731
     total = lambda y: jnp.sum(jax.vmap(loss_t)(y, ys))  # noqa: E731

@@ -106,7 +106,7 @@ def load_digits_split():
 
 
 def train_digits_mlp(widths, tangent_size, optimizer, steps, batch, seed=0):
-    """Trains an MLP with optax.chain(sofo.transform(loss='ce'), ...) under one jit; returns test accuracy."""
+    """Trains an MLP with optax.chain(sofo.transform(curvature='ce'), ...) under one jit; returns test accuracy."""
     (x_train, y_train), (x_test, y_test) = load_digits_split()
     sizes = [64, *widths, 10]
     rng = np.random.default_rng(seed)
@@ -121,7 +121,7 @@ def train_digits_mlp(widths, tangent_size, optimizer, steps, batch, seed=0):
             x = jnp.tanh(x @ w[:-1] + w[-1])
         return x @ p[-1][:-1] + p[-1][-1]
 
-    tx = optax.chain(sofo.transform(tangent_size=tangent_size, damping=1e-2, loss="ce", key=seed), optimizer)
+    tx = optax.chain(sofo.transform(tangent_size=tangent_size, damping=1e-2, curvature="ce", key=seed), optimizer)
     batches = np.random.default_rng(seed).integers(0, len(x_train), (steps, batch))
 
     @jax.jit
@@ -205,7 +205,7 @@ def test_full_rank_step_equals_dense_gauss_newton_and_state_holds_value_and_top_
 
 def test_state_advances_key_and_count_and_matches_engine():
     params, fun, loss_fn = mlp_problem()
-    config = dict(tangent_size=5, damping=1e-3, loss="exact", sampler="normal")
+    config = dict(tangent_size=5, damping=1e-3, curvature="exact", sampler="normal")
     engine = jax.jit(sofo.value_and_sofo_grad(fun, loss_fn, **config))
     tx = sofo.transform(key=7, **config)
     update = jax.jit(lambda s, p: tx.update(None, s, p, fun=fun, loss_fn=loss_fn))
@@ -233,7 +233,7 @@ def test_state_advances_key_and_count_and_matches_engine():
 
 def test_tangent_chunks_reach_the_engine_and_keep_the_direction():
     params, fun, loss_fn = mlp_problem()
-    config = dict(tangent_size=7, damping=1e-3, loss="exact", key=3)
+    config = dict(tangent_size=7, damping=1e-3, curvature="exact", key=3)
     whole, _ = sofo.transform(**config).update(None, sofo.transform(**config).init(params), params, fun=fun,
                                                loss_fn=loss_fn)
     chunked_tx = sofo.transform(tangent_chunk_size=2, **config)
@@ -457,7 +457,7 @@ def test_equinox_partitioned_module():
         (dict(tangent_size=2.5), ValueError, "tangent_size must be a positive int"),
         (dict(damping=-1.0), ValueError, "damping must be a finite non-negative"),
         (dict(damping=float("nan")), ValueError, "damping must be a finite non-negative"),
-        (dict(loss="hinge"), ValueError, "loss='hinge' is not a known curvature"),
+        (dict(curvature="hinge"), ValueError, "curvature='hinge' is not a known curvature"),
         (dict(sampler="sobol"), ValueError, "sampler='sobol' is not a known tangent sampler"),
         (dict(key="seed"), TypeError, "key must be a jax.random.key"),
         (dict(key=True), TypeError, "key must be a jax.random.key"),

@@ -88,7 +88,7 @@ def _check_descent(seed, k, loss):
         loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - t) ** 2, -1))  # noqa: E731
     else:
         loss_fn = lambda y: -jnp.mean(jnp.sum(jax.nn.softmax(t) * jax.nn.log_softmax(y), -1))  # noqa: E731
-    _, direction, info = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=k, loss=loss)(seed, params)
+    _, direction, info = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=k, curvature=loss)(seed, params)
     grad = ravel_pytree(jax.grad(lambda p: loss_fn(fun(p)))(params))[0]
     assert np.linalg.eigvalsh(np.asarray(info.curvature))[0] > -1e-10 * max(float(info.top_eigenvalue), 1.0)
     assert float(ravel_pytree(direction)[0] @ grad) > 0

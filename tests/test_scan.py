@@ -49,7 +49,7 @@ def test_scan_equals_unrolled_engine_on_summed_loss(sampler):
     params, cell, z0, xs, ys = rnn_problem()
     fun = unrolled(cell, (z0, xs))
     summed = lambda outputs: jnp.sum(jax.vmap(log_cosh)(outputs, ys))  # noqa: E731
-    kwargs = dict(tangent_size=9, damping=1e-4, loss="exact", sampler=sampler)
+    kwargs = dict(tangent_size=9, damping=1e-4, curvature="exact", sampler=sampler)
     v_scan, d_scan, i_scan = jax.jit(sofo.value_and_sofo_grad_scan(cell, log_cosh, **kwargs))(7, params, z0, xs, ys)
     v_unr, d_unr, i_unr = jax.jit(sofo.value_and_sofo_grad(fun, summed, **kwargs))(7, params)
     np.testing.assert_allclose(v_scan, v_unr, rtol=1e-12)
@@ -77,7 +77,7 @@ def test_full_rank_scan_equals_dense_gauss_newton(loss):
     top = jnp.linalg.eigvalsh(ggn)[-1]
     reference = jnp.linalg.solve(ggn + 1e-4 * top * jnp.eye(n), jax.grad(summed)(flat))
     _, direction, info = sofo.value_and_sofo_grad_scan(
-        cell, step_loss, tangent_size=n, damping=1e-4, loss=loss, sampler="orthonormal"
+        cell, step_loss, tangent_size=n, damping=1e-4, curvature=loss, sampler="orthonormal"
     )(0, params, z0, xs, ys)
     np.testing.assert_allclose(ravel_pytree(direction)[0], reference, rtol=1e-6)
     np.testing.assert_allclose(info.top_eigenvalue, top, rtol=1e-8)
@@ -106,7 +106,7 @@ def test_pytree_latent_and_inputs():
         return jax.lax.scan(lambda z, x: cell(p, z, x), z0, xs)[1]
 
     summed = lambda out: jnp.sum(jax.vmap(step_loss)(out, ys))  # noqa: E731
-    kwargs = dict(tangent_size=8, damping=1e-3, loss="exact")
+    kwargs = dict(tangent_size=8, damping=1e-3, curvature="exact")
     _, d_scan, _ = sofo.value_and_sofo_grad_scan(cell, step_loss, **kwargs)(1, params, z0, xs, ys)
     _, d_unr, _ = sofo.value_and_sofo_grad(fun, summed, **kwargs)(1, params)
     np.testing.assert_allclose(ravel_pytree(d_scan)[0], ravel_pytree(d_unr)[0], rtol=1e-6, atol=1e-12)
@@ -135,7 +135,7 @@ def test_scan_bad_inputs():
 
 def test_scan_tangent_chunks_give_the_same_direction():
     params, cell, z0, xs, ys = rnn_problem(seed=3)
-    kwargs = dict(tangent_size=10, damping=1e-4, loss="mse")
+    kwargs = dict(tangent_size=10, damping=1e-4, curvature="mse")
     step_loss = lambda y, t: 0.5 * jnp.mean(jnp.sum((y - t) ** 2, axis=-1))  # noqa: E731
     _, whole, _ = jax.jit(sofo.value_and_sofo_grad_scan(cell, step_loss, **kwargs))(0, params, z0, xs, ys)
     _, chunked, _ = jax.jit(sofo.value_and_sofo_grad_scan(cell, step_loss, tangent_chunk_size=3, **kwargs))(

@@ -59,7 +59,7 @@ def temp_bytes(step, *args):
 
 
 def sofo_temp(time_steps):
-    step = sofo.value_and_sofo_grad_scan(cell, mse, tangent_size=TANGENTS, loss="mse")
+    step = sofo.value_and_sofo_grad_scan(cell, mse, tangent_size=TANGENTS, curvature="mse")
     key = jax.eval_shape(jax.random.key, 0)
     return temp_bytes(step, key, param_shapes(), *data_shapes(time_steps))
 

@@ -19,7 +19,7 @@ def test_concave_loss_gives_the_bounded_step_g_over_damping(dtype):
     fun = lambda p: jnp.sum(p * x)  # noqa: E731
     loss_fn = lambda o: -0.5 * o**2  # noqa: E731
     params = jnp.full(10, 0.1, dtype)
-    _, direction, _ = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=10, damping=1e-3, loss="exact",
+    _, direction, _ = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=10, damping=1e-3, curvature="exact",
                                                sampler="orthonormal")(0, params)
     grad = jax.grad(lambda p: loss_fn(fun(p)))(params)
     rtol = 1e-4 if dtype == jnp.float32 else 1e-10
@@ -32,7 +32,7 @@ def test_concave_loss_with_normal_tangents_is_bounded(dtype):
     fun = lambda p: jnp.sum(p * x)  # noqa: E731
     loss_fn = lambda o: -0.5 * o**2  # noqa: E731
     params = jnp.full(10, 0.1, dtype)
-    _, direction, info = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=4, damping=1e-3, loss="exact")(0, params)
+    _, direction, info = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=4, damping=1e-3, curvature="exact")(0, params)
     # c = g~ / damping, so |direction| <= sqrt(K) |g~| / damping (unit-norm tangents)
     bound = np.sqrt(4) * float(jnp.linalg.norm(info.directional_derivatives)) / 1e-3
     assert float(jnp.linalg.norm(direction)) <= bound * (1 + 1e-5)

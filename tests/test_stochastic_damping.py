@@ -65,7 +65,7 @@ def test_held_out_ratio_and_damping_match_a_hand_computation():
     n = _flat(params0).size
     # K = n orthonormal tangents: the subspace model is the full Gauss-Newton model.
     opt = sofo.transform(
-        tangent_size=n, sampler="orthonormal", loss="mse", damping=1.0, adaptive_damping=True, key=3
+        tangent_size=n, sampler="orthonormal", curvature="mse", damping=1.0, adaptive_damping=True, key=3
     )
     state0 = opt.init(params0)
     batch_a, batch_b = _batch(0), _batch(1)
@@ -110,7 +110,7 @@ def _gn(params, batch, unravel):
 def test_held_out_over_a_batch_that_disagrees_raises_the_damping():
     """A step fitted to one batch, judged on targets mirrored about the outputs (the gradient reversed)."""
     params0 = _params()
-    opt = sofo.sofo(tangent_size=12, loss="mse", damping=1e-2, key=1)
+    opt = sofo.sofo(tangent_size=12, curvature="mse", damping=1e-2, key=1)
     state = opt.init(params0)
     x, t = _batch(0)
     updates, state = _update(opt, state, params0, (x, t))
@@ -128,7 +128,7 @@ def test_full_batch_training_is_unchanged(front):
     x, t = _batch(0)
     runs = []
     for config in (sofo.AdaptiveDamping(), sofo.AdaptiveDamping(next_batch=False)):
-        opt = sofo.sofo(tangent_size=6, loss="mse", key=2, adaptive_damping=config)
+        opt = sofo.sofo(tangent_size=6, curvature="mse", key=2, adaptive_damping=config)
         params = _params()
         state = opt.init(params)
         dampings = []
@@ -162,7 +162,7 @@ def test_brainstate_front_rejudges_too():
     n = _flat(params0).size
     f = st.sofo_grad(
         lambda p, xx, tt: _model(p, xx) - tt, lambda r: 0.5 * jnp.sum(r**2) / r.shape[0], argnums=0,
-        tangent_size=n, sampler="orthonormal", key=0, loss="mse", adaptive_damping=True, damping=1.0,
+        tangent_size=n, sampler="orthonormal", key=0, curvature="mse", adaptive_damping=True, damping=1.0,
     )
     batch_a, batch_b = _batch(0), _batch(1)
     h1 = f(params0, *batch_a)

@@ -38,7 +38,7 @@ def rel(a, b):
 
 
 def step(x, labels, **kw):
-    return sofo.value_and_sofo_grad(lambda p: model(p, x), lambda y: ce(y, labels), tangent_size=K, loss="ce", **kw)
+    return sofo.value_and_sofo_grad(lambda p: model(p, x), lambda y: ce(y, labels), tangent_size=K, curvature="ce", **kw)
 
 
 single = jax.jit(lambda key, p: step(x, labels)(key, p))(7, params)
