@@ -9,8 +9,9 @@ import pytest
 import sofo
 
 brainstate = pytest.importorskip("brainstate")
-# Importing brainstate switches jax_enable_x64 off (its default precision is 32); the suite runs in
-# float64 (conftest), so put it back the brainstate way, which keeps its environment consistent.
+# Importing brainstate 0.5 switches jax_enable_x64 off (its default precision is 32; 0.6 leaves it as
+# it is); the suite runs in float64 (conftest), so set it the brainstate way, which keeps its
+# environment consistent on both lines.
 brainstate.environ.set(precision=64)
 
 
@@ -88,14 +89,16 @@ def test_sofo_scan_trains_a_recurrent_cell():
     z0 = jnp.zeros((16, 4))
     opt = sofo.optim.SOFOScan(cell, mse, lr=1.0, tangent_size=12, damping=1e-3)
     opt.register_trainable_weights({"rec": w_rec, "in": w_in, "out": w_out})
-    first = float(jnp.sum(jax.vmap(mse)(jax.lax.scan(cell, z0, xs)[1], ys)))  # before any step
+    # braintools' convention: loss_fn on the outputs of all steps stacked into (T * batch, out); for a
+    # loss that is a mean over rows that is the mean over time of the per-step losses.
+    first = float(mse(jax.lax.scan(cell, z0, xs)[1].reshape(-1, 1), ys.reshape(-1, 1)))  # before any step
     losses = [float(opt.step(z0, (xs, ys))) for _ in range(30)]
     np.testing.assert_allclose(losses[0], first, rtol=1e-5)
 
     def rollout(z, x):
         return cell(z, x)
 
-    final = float(jnp.sum(jax.vmap(mse)(jax.lax.scan(rollout, z0, xs)[1], ys)))
+    final = float(jnp.mean(jax.vmap(mse)(jax.lax.scan(rollout, z0, xs)[1], ys)))
     assert final < 0.5 * losses[0]
 
 
