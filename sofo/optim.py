@@ -445,7 +445,8 @@ class SOFO(_Optimizer):
         """The SOFO direction h at the current parameters (descent is -h), without a step.
 
         Uses the configured tangent_size, loss, sampler and (initial, fixed) damping with tangents from
-        this step's key; a debugging aid, like braintools' `_compute_direction`.
+        the key folded with the step count; a debugging aid, like braintools' `_compute_direction`
+        (compiled per call: States the model reads besides the weights are taken as they are now).
 
         Returns:
           (direction shaped like the registered States, the model's outputs).
@@ -453,13 +454,14 @@ class SOFO(_Optimizer):
         self._require_weights()
         from sofo import _engine
 
-        engine = _engine.value_and_sofo_grad(
-            lambda p: self._call(p, (inputs,)), lambda outputs: self.loss_fn(outputs, targets),
-            **self._engine_options(),
-        )
-        params = self._params()
-        _, direction, _ = engine(self._direction_key(), params)
-        return direction, self._call(params, (inputs,))
+        def run(key, params, inputs, targets):
+            engine = _engine.value_and_sofo_grad(
+                lambda p: self._call(p, (inputs,)), lambda outputs: self.loss_fn(outputs, targets),
+                **self._engine_options(),
+            )
+            return engine(key, params)[1], self._call(params, (inputs,))
+
+        return jax.jit(run)(self._direction_key(), self._params(), inputs, targets)
 
 class SOFOScan(_Optimizer):
     __doc__ = """Recurrent SOFO over a stateful cell; braintools 0.4's `optim.SOFOScan` constructor and calls.
@@ -562,6 +564,8 @@ class SOFOScan(_Optimizer):
         engine = _engine.value_and_sofo_grad_scan(
             lambda p, z, x: self._call(p, (z, x)), self.loss_fn, **self._engine_options()
         )
-        params = self._params()
-        _, direction, _ = engine(self._direction_key(), params, z0, xs, ys)
-        return direction, self._stacked(params, z0, xs)
+
+        def run(key, params, z0, xs, ys):
+            return engine(key, params, z0, xs, ys)[1], self._stacked(params, z0, xs)
+
+        return jax.jit(run)(self._direction_key(), self._params(), z0, xs, ys)
