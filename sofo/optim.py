@@ -274,7 +274,7 @@ class _Optimizer:
         if saved is not None:
             self._require_weights()
             template = self.opt_state.value
-            if jax.tree_util.tree_structure(saved) != jax.tree_util.tree_structure(template):
+            if _layout(saved) != _layout(template):
                 try:
                     import flax.serialization as serialization
                 except ImportError:
@@ -283,6 +283,8 @@ class _Optimizer:
                     if serialization is None:
                         raise ValueError
                     saved = serialization.from_state_dict(template, serialization.to_state_dict(saved))
+                    if _layout(saved) != _layout(template):
+                        raise ValueError
                 except Exception:  # noqa: BLE001  (reported below, with what to do)
                     raise ValueError(
                         f"{where}: the saved opt_state does not have this optimizer's structure (built with other "
@@ -371,6 +373,12 @@ class _Optimizer:
     def update(self, *args: Any) -> jax.Array:
         """Alias of `step`, taking the data (not gradients), as braintools' SOFO.update."""
         return self.step(*args)
+
+
+def _layout(tree: Any) -> tuple:
+    """A state's structure with each leaf's shape and dtype (what a restored state must match)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((np.shape(leaf), str(getattr(leaf, "dtype", type(leaf).__name__))) for leaf in leaves)
 
 
 def _check_lr(where: str, lr: Any) -> None:
