@@ -11,6 +11,7 @@ optimizer is built (braintools: at the first step), and the direction without a 
 """
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,6 +66,12 @@ class LinearRNN(brainstate.nn.Module):
 
     def __call__(self, latent, inputs):
         latent = self.wh(latent) + self.wx(inputs)
+        return latent, self.wo(latent)
+
+
+class TanhRNN(LinearRNN):
+    def __call__(self, latent, inputs):
+        latent = jnp.tanh(self.wh(latent) + self.wx(inputs))
         return latent, self.wo(latent)
 
 
@@ -276,3 +283,71 @@ def test_sofoscan_update_is_step_on_data(optim):
     opt.register_trainable_weights(cell.states(brainstate.ParamState))
     xs, ys = sequence_batch(T=5, batch=4, n_in=3, n_out=2)
     assert bool(jnp.isfinite(opt.update(jnp.zeros((4, 5)), (xs, ys))))
+
+
+# -- side by side: both match the dense damped Gauss-Newton step ---------------------------------------
+
+
+def _dense_gauss_newton(outputs_of, loss_of, values):
+    """(G + 1e-9 top I)^-1 g with braintools' mse curvature, G = J^T J / rows, by jax.jacfwd / jax.grad;
+    and J, to compare steps in output space (J h), where the null space of J (e.g. two biases that
+    only enter as a sum) does not count."""
+    flat, unravel = jax.flatten_util.ravel_pytree(values)
+    jac = jax.jacfwd(lambda f: outputs_of(unravel(f)).reshape(-1))(flat)
+    rows = outputs_of(values).shape[0]
+    ggn = jac.T @ jac / rows
+    top = jnp.linalg.eigvalsh(ggn)[-1]
+    step = jnp.linalg.solve(ggn + 1e-9 * top * jnp.eye(flat.size), jax.grad(lambda f: loss_of(unravel(f)))(flat))
+    return step, jac
+
+
+def _options(optim, n):
+    """A spanning subspace: sofo K = n orthonormal tangents, braintools 3n Gaussian ones."""
+    if optim is sofo.optim:
+        return dict(tangent_size=n, sampler="orthonormal", adaptive_damping=False, memory_size=0)
+    return dict(tangent_size=3 * n)
+
+
+def test_side_by_side_sofo_direction_is_the_dense_gauss_newton_step(optim):
+    brainstate.random.seed(11)
+    model = brainstate.nn.Linear(3, 2)
+    x, y = regression_batch(n=16, n_in=3, n_out=2, seed=4)
+    opt = optim.SOFO(model, mean_squared, 1.0, "mse", damping=1e-9, key=jax.random.PRNGKey(1), **_options(optim, 8))
+    opt.register_trainable_weights({"w": model.weight})
+    values = {"w": dict(model.weight.value)}
+    outputs_of = lambda v: x @ v["w"]["weight"] + v["w"]["bias"]  # noqa: E731
+    h, _ = direction(opt, x, y)
+    expected, _ = _dense_gauss_newton(outputs_of, lambda v: mean_squared(outputs_of(v), y), values)
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(h)[0], expected, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(opt.step(x, y), mean_squared(outputs_of(values), y), rtol=1e-12)
+
+
+def test_side_by_side_sofoscan_loss_and_direction_match_braintools_convention(optim):
+    """The reported loss is loss_fn on the (T * batch, out) stacked outputs, and the direction the dense
+    Gauss-Newton step of that loss with braintools' curvature scale (1 / (T * batch))."""
+    brainstate.random.seed(12)
+    cell = TanhRNN(2, 3, 1)  # not LinearRNN: its GL(3) symmetry makes the Gauss-Newton matrix singular
+    weights = cell.states(brainstate.ParamState)
+    n = sum(leaf.size for leaf in jax.tree_util.tree_leaves(weights.to_dict_values()))
+    xs, ys = sequence_batch(T=5, batch=8, n_in=2, n_out=1, seed=6)
+    z0 = jnp.zeros((8, 3))
+    opt = optim.SOFOScan(cell, mean_squared, 1.0, "mse", damping=1e-9, key=jax.random.PRNGKey(2),
+                         **_options(optim, n))
+    opt.register_trainable_weights(weights)
+    values = {k: v.value for k, v in weights.items()}
+
+    def outputs_of(v):
+        layer = {k[0]: value for k, value in v.items()}  # ("wh", "weight") -> {"weight": W, "bias": b}
+        lin = lambda name, a: a @ layer[name]["weight"] + layer[name]["bias"]  # noqa: E731
+        step = lambda z, x: (jnp.tanh(lin("wh", z) + lin("wx", x)), lin("wo", jnp.tanh(lin("wh", z) + lin("wx", x))))  # noqa: E731,E501
+        return jax.lax.scan(step, z0, xs)[1].reshape(-1, 1)
+
+    loss_of = lambda v: mean_squared(outputs_of(v), ys.reshape(-1, 1))  # noqa: E731
+    h, stacked = direction(opt, z0, (xs, ys))
+    np.testing.assert_allclose(stacked, outputs_of(values), rtol=1e-12)
+    h = {k: h[k] for k in values}
+    expected, jac = _dense_gauss_newton(outputs_of, loss_of, values)
+    # braintools' 3n Gaussian tangents damp relative to their own sketch's top eigenvalue, so it meets the
+    # exact step only to ~3e-4 here; a curvature scale off by the factor T = 5 would miss by O(1).
+    np.testing.assert_allclose(jac @ jax.flatten_util.ravel_pytree(h)[0], jac @ expected, rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(opt.step(z0, (xs, ys)), loss_of(values), rtol=1e-12)
