@@ -5,6 +5,8 @@ braintools is importable (Python >= 3.12 with the test extra), the same cases al
 `braintools.optim`, side by side, so the drop-in is tested against the real thing; then the
 `test_side_by_side_*` cases compare numbers between the two.
 
+Four compile-heavy cases are marked slow (`pytest -m slow`), to keep the default run short.
+
 Differences on purpose (see README, "Migrating from braintools"): an unknown `loss` is refused when the
 optimizer is built (braintools: at the first step), and the direction without a step is the public
 `compute_direction` (braintools: the private `_compute_direction`).
@@ -112,6 +114,7 @@ def test_sofo_lowers_an_mse_loss_under_brainstate_jit(optim):
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
+@pytest.mark.slow  # compile-heavy; the default run keeps the other cases
 def test_sofo_lowers_a_cross_entropy_loss_under_brainstate_jit(optim):
     brainstate.random.seed(1)
     model = MLP(8, 16, 4)
@@ -156,6 +159,7 @@ def test_sofo_unknown_curvature_form_is_a_value_error(optim):
         opt.step(x, y)
 
 
+@pytest.mark.slow  # compile-heavy; the default run keeps the other cases
 def test_sofo_fixed_key_gives_a_fixed_direction_and_another_key_another(optim):
     brainstate.random.seed(7)
     model = MLP(6, 10, 2)
@@ -187,6 +191,7 @@ def test_sofoscan_lowers_the_loss_under_brainstate_jit(optim):
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
+@pytest.mark.slow  # compile-heavy; the default run keeps the other cases
 def test_sofoscan_direction_aligns_with_the_gradient_at_high_damping(optim):
     """With damping >> 1 the step is the gradient projected on many tangents: check against jax.grad."""
     brainstate.random.seed(3)
@@ -266,6 +271,7 @@ def test_sofo_update_is_step_on_data(optim):
     assert int(opt.step_count.value) == 1
 
 
+@pytest.mark.slow  # compile-heavy; the default run keeps the other cases
 def test_sofo_momentum_with_nesterov_lowers_the_loss(optim):
     model = brainstate.nn.Linear(4, 2)
     opt = optim.SOFO(model, mean_squared, lr=2e-2, tangent_size=16, momentum=0.9, nesterov=True,
