@@ -384,6 +384,10 @@ def _layout(tree: Any) -> tuple:
 def _check_lr(where: str, lr: Any) -> None:
     if _is_braintools_scheduler(lr) or callable(lr):
         return
+    if not isinstance(lr, (bool, np.bool_)) and np.shape(lr) == () and jnp.issubdtype(
+        getattr(lr, "dtype", type(lr)), jnp.floating
+    ) and not isinstance(lr, jax.core.Tracer):
+        lr = float(lr)  # a numpy / jax float scalar
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (np.isfinite(lr) and lr > 0):
         raise ValueError(
             f"{where}: lr must be a positive finite float, an optax schedule (step count -> lr) or a braintools "

@@ -357,3 +357,27 @@ def test_side_by_side_sofoscan_loss_and_direction_match_braintools_convention(op
     # exact step only to ~3e-4 here; a curvature scale off by the factor T = 5 would miss by O(1).
     np.testing.assert_allclose(jac @ jax.flatten_util.ravel_pytree(h)[0], jac @ expected, rtol=2e-3, atol=1e-5)
     np.testing.assert_allclose(opt.step(z0, (xs, ys)), loss_of(values), rtol=1e-12)
+
+
+def test_a_braintools_scheduler_sets_the_learning_rate_with_the_right_sign():
+    """braintools' scheduler, called, returns -lr; sofo reads its learning rate instead, so a step with
+    StepLR at 0.25 is the step with lr=0.25, eagerly and under brainstate.transform.jit."""
+    braintools = pytest.importorskip("braintools")
+    scheduler = braintools.optim.StepLR(base_lr=0.5, step_size=1, gamma=0.5)
+    assert float(scheduler(0)) == -0.5  # braintools' convention, which sofo must not follow
+    brainstate.random.seed(13)
+    nets = [brainstate.nn.Linear(3, 2) for _ in range(2)]
+    nets[1].weight.value = dict(nets[0].weight.value)
+    x, y = regression_batch(n=16, n_in=3, n_out=2, seed=7)
+    options = dict(tangent_size=4, key=1, adaptive_damping=False)
+    scheduled = sofo.optim.SOFO(nets[0], mean_squared, lr=scheduler, **options)
+    fixed = sofo.optim.SOFO(nets[1], mean_squared, lr=0.25, **options)
+    for opt, net in ((scheduled, nets[0]), (fixed, nets[1])):
+        opt.register_trainable_weights(net.states(brainstate.ParamState))
+    scheduler.step()
+    assert float(scheduled.current_lr) == pytest.approx(0.25)
+    before = float(mean_squared(nets[0](x), y))
+    brainstate.transform.jit(lambda a, b: scheduled.step(a, b))(x, y)
+    fixed.step(x, y)
+    np.testing.assert_allclose(nets[0].weight.value["weight"], nets[1].weight.value["weight"], rtol=1e-10)
+    assert float(mean_squared(nets[0](x), y)) < before
