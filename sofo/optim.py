@@ -8,7 +8,7 @@ The step is an optax transform with `update(updates, state, params, *, fun, loss
 `z0=`, `xs=`, `ys=` for `SOFOScan`), so nothing here computes a direction: it maps the trainable States
 onto `params`, calls the optimizer and writes the new values back. Eagerly, each step is compiled once
 per input shapes (States the model reads besides the trainable ones are inputs, never frozen
-constants). The optimizer state, the step count and the learning rate live in States (brainstate
+constants). The optimizer state and the step count live in States (brainstate
 `LongTermState`s once brainstate is imported), so `opt.step` also runs inside
 `brainstate.transform.jit` and `brainstate.transform.for_loop`, which carry them.
 """
