@@ -179,7 +179,7 @@ def test_initial_damping_is_clipped_to_the_bounds():
     # The brainstate-style front starts from the same clipped value (what its first call passes in), and
     # keeps later values within the bounds.
     g = sofo.sofo_grad(fun, loss_fn, argnums=0, tangent_size=4, key=5, damping=1e6, adaptive_damping=bounds)
-    first, _ = g.adaptive.inputs(params, params)
+    first = g.adaptive.inputs(params, params)[0]
     assert float(first) == 1.0
     g(params)
     assert bounds.min_damping <= g.adaptive.damping <= bounds.max_damping

@@ -97,7 +97,7 @@ def step_keys(key, steps):
 
 
 def load_digits_split():
-    from sklearn.datasets import load_digits
+    load_digits = pytest.importorskip("sklearn.datasets").load_digits
 
     x, y = load_digits(return_X_y=True)
     order = np.random.default_rng(0).permutation(len(x))

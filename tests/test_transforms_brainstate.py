@@ -12,8 +12,9 @@ import sofo
 import sofo.transforms as st
 
 brainstate = pytest.importorskip("brainstate")
-# Importing brainstate switches jax_enable_x64 off (its default precision is 32); the suite runs in
-# float64 (conftest), so put it back the brainstate way, which keeps its environment consistent.
+# Importing brainstate 0.5 switches jax_enable_x64 off (its default precision is 32; 0.6 leaves it as
+# it is); the suite runs in float64 (conftest), so set it the brainstate way, which keeps its
+# environment consistent on both lines.
 brainstate.environ.set(precision=64)
 
 X = jax.random.normal(jax.random.key(1), (6, 3))
