@@ -254,7 +254,7 @@ def test_momentum_weight_decay_and_clipping_follow_braintools_order():
                           grad_clip_norm=0.3, grad_clip_value=0.05, **options)
     opt.register_trainable_weights({"w": net.weight})
     ref = optax.chain(
-        sofo.transform(sampler="balanced", loss="mse", step_size=0.5, **options),
+        sofo.transform(sampler="balanced", curvature="mse", step_size=0.5, **options),
         optax.clip_by_global_norm(0.3), optax.clip(0.05), optax.trace(0.5, nesterov=True),
         optax.add_decayed_weights(0.1), optax.scale(-0.5),
     )
