@@ -193,15 +193,15 @@ def plot_summary_seeds(comparisons: Sequence, path: str, subtitle: str = "") -> 
     iterations than Adam it needs to reach Adam's final loss, median over seeds (right). Every bar is
     labelled; a seed on which SOFO never reached Adam's final loss counts as 0x ("miss")."""
     plt = _plt()
-    names = [f"{c.task}\n{c.label}" for c in comparisons]
+    names = [f"{c.task}\n" + c.label.replace(" K=", "\nK=").replace(" (", "\n(") for c in comparisons]
     x = np.arange(len(comparisons))
-    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(names) + 4), 4.5), constrained_layout=True)
+    fig, axes = plt.subplots(2, 1, figsize=(max(9, 1.1 * len(names) + 3), 8), constrained_layout=True)
     ratios = [c.time_ratio for c in comparisons]
     axes[0].bar(x, ratios, color="tab:blue")
     for i, value in enumerate(ratios):
         axes[0].annotate(f"{value:.1f}x", (i, value), ha="center", va="bottom", fontsize=8)
     axes[0].axhline(1, color="k", lw=1)
-    axes[0].set_ylabel("time per step, SOFO / Adam (median)")
+    axes[0].set_ylabel("time per step, method / Adam (median)")
     axes[0].set_ylim(0, max(ratios + [1.0]) * 1.25)
     speedups = [c.median_speedup for c in comparisons]
     axes[1].bar(x, speedups, color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
@@ -214,12 +214,12 @@ def plot_summary_seeds(comparisons: Sequence, path: str, subtitle: str = "") -> 
         axes[1].annotate(text, (i, max(c.median_speedup, 0)), ha="center", va="bottom", fontsize=8)
     axes[1].axhline(1, color="k", lw=1, label="as many iterations as Adam")
     axes[1].set_ylim(0, max(speedups + [1.0]) * 1.35)
-    axes[1].set_ylabel("Adam iters / SOFO iters to Adam's final loss")
+    axes[1].set_ylabel("Adam iters / method iters\nto Adam's target")
     axes[1].legend(fontsize=8, loc="upper left")
     for ax in axes:
         ax.set_xticks(x)
         ax.set_xticklabels(names, fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("SOFO vs tuned Adam, median over seeds" + (f" ({subtitle})" if subtitle else ""))
+    fig.suptitle("SOFO and its peers vs tuned Adam, median over seeds" + (f" ({subtitle})" if subtitle else ""))
     fig.savefig(path, dpi=110)
     plt.close(fig)
