@@ -156,7 +156,7 @@ class _Optimizer:
             parts.append(optax.trace(decay=self.momentum, nesterov=self.nesterov))
         if self.weight_decay > 0:
             parts.append(optax.add_decayed_weights(self.weight_decay))
-        parts.append(optax.scale_by_learning_rate(lr))
+        parts.append(_alias._scale_by_finite_learning_rate(lr))  # exact zeros where lr is not finite
         return optax.chain(*parts)
 
     @property

@@ -327,3 +327,23 @@ def test_sofoscan_loss_conventions_share_one_direction():
     for other in ("sum", "stacked"):
         for k in w0:
             np.testing.assert_allclose(results[other][1][k], results["mean"][1][k], rtol=1e-7, atol=1e-10)
+
+
+def test_a_non_finite_learning_rate_leaves_the_states_exactly_unchanged():
+    """A schedule that gives NaN at step 1: that step is rejected and the weights stay bit-identical, even with
+    momentum carrying an earlier direction (issue 17, finding 2, for sofo.optim's own chain)."""
+    brainstate.random.seed(7)
+    net = brainstate.nn.Linear(3, 2)
+    x, y = _regression()
+    schedule = lambda count: jnp.where(count == 1, jnp.nan, 0.5)  # noqa: E731
+    opt = sofo.optim.SOFO(net, mse, lr=schedule, tangent_size=4, momentum=0.5, key=3)
+    opt.register_trainable_weights({"w": net.weight})
+    values = [jax.tree_util.tree_map(np.asarray, dict(net.weight.value))]
+    for _ in range(3):
+        opt.step(x, y)
+        values.append(jax.tree_util.tree_map(np.asarray, dict(net.weight.value)))
+    moved = lambda a, b: any(not np.array_equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert moved(values[0], values[1]) and moved(values[2], values[3])
+    for k in values[1]:
+        np.testing.assert_array_equal(values[2][k], values[1][k])
+        assert np.all(np.isfinite(values[3][k]))
