@@ -206,40 +206,31 @@ def fresh_flipflop(seed=0, quick=True, iterations=None, fresh=True):
         z0 = jnp.zeros((batch, hidden), jnp.float32)
         return opt.update(None, opt_state, params, cell=cell, loss_fn=mse, z0=z0, xs=xs_, ys=ys_)
 
-    if not fresh:
-        return StochasticProblem(
-            name="fixed_flipflop",
-            title=f"3-bit flip-flop, full batch (control), vanilla RNN (N={hidden}, T={steps})",
-            params=rnn_init(jax.random.key(seed + 1), hidden, 3, 3),
-            curvature="mse",
-            batches=batches,
-            batch_loss=batch_loss,
-            sofo_update=sofo_update,
-            evaluate=lambda p: {
-                "training loss": rollout_loss(p, train_xs, train_ys), "held-out loss": rollout_loss(p, test_xs, test_ys)
-            },
-            score="training loss",
-            higher_is_better=False,
-            iterations=iterations,
-            tangent_size=32,
-            adam_rates=(0.001, 0.003, 0.01, 0.03),
-            notes=f"the same {batch} trials every step, as `python -m benchmarks --quick --tasks flipflop`",
-        )
+    if fresh:
+        name, kind, score = "fresh_flipflop", "with fresh trials", "held-out loss"
+        evaluate = lambda p: {"held-out loss": rollout_loss(p, test_xs, test_ys)}  # noqa: E731
+        notes = f"{batch} new trials every step; the score is the summed loss on 256 trials never trained on"
+    else:
+        name, kind, score = "fixed_flipflop", "full batch (control)", "training loss"
+        evaluate = lambda p: {  # noqa: E731
+            "training loss": rollout_loss(p, train_xs, train_ys), "held-out loss": rollout_loss(p, test_xs, test_ys)
+        }
+        notes = f"the same {batch} trials every step, as `python -m benchmarks --quick --tasks flipflop`"
     return StochasticProblem(
-        name="fresh_flipflop",
-        title=f"3-bit flip-flop with fresh trials, vanilla RNN (N={hidden}, T={steps})",
+        name=name,
+        title=f"3-bit flip-flop, {kind}, vanilla RNN (N={hidden}, T={steps})",
         params=rnn_init(jax.random.key(seed + 1), hidden, 3, 3),
         curvature="mse",
         batches=batches,
         batch_loss=batch_loss,
         sofo_update=sofo_update,
-        evaluate=lambda p: {"held-out loss": rollout_loss(p, test_xs, test_ys)},
-        score="held-out loss",
+        evaluate=evaluate,
+        score=score,
         higher_is_better=False,
         iterations=iterations,
         tangent_size=32,
         adam_rates=(0.001, 0.003, 0.01, 0.03),
-        notes=f"{batch} new trials every step; the score is the summed loss on 256 trials never trained on",
+        notes=notes,
     )
 
 
