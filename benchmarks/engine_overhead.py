@@ -43,7 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import sofo  # noqa: E402
-from sofo import _curvature, _solve, _tangents  # the engine's pieces, only to time them one by one
+from sofo import _curvature, _solve, _tangents  # noqa: E402  the engine's pieces, only to time them one by one
 
 DAMPING = 1e-5
 

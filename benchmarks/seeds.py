@@ -162,7 +162,7 @@ def train_seeds(
         step, final = compiled[cache_key]
         for lr in learning_rates:
             state, losses, seconds, chunk_ms = run_chunks(
-                lambda s, lr=lr: step(s, jnp.float32(lr), data), state0, iterations // chunk, chunk, progress,
+                lambda s, lr=lr, step=step, data=data: step(s, jnp.float32(lr), data), state0, iterations // chunk, chunk, progress,
                 f"{problem.name} | seed {seed} | {label} | lr={lr:g}",
             )
             losses.append(float(final(state[0], data)))

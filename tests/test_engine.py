@@ -137,7 +137,7 @@ def test_jit_and_vmap_over_keys():
         value, direction, info = step(keys[i], params)
         np.testing.assert_allclose(values[i], value, rtol=1e-12)
         np.testing.assert_allclose(
-            ravel_pytree(jax.tree_util.tree_map(lambda d: d[i], directions))[0],
+            ravel_pytree(jax.tree_util.tree_map(lambda d, i=i: d[i], directions))[0],
             ravel_pytree(direction)[0],
             rtol=1e-9,
             atol=1e-12,

@@ -113,7 +113,7 @@ def test_empty_output_leaves_contribute_nothing(loss):
     else:
         loss_fn = lambda o: -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(o["y"]), -1))  # noqa: E731
     for empty in (jnp.zeros((0, 3)), jnp.zeros((4, 0))):
-        fun = lambda p: {"y": x @ p, "e": empty * jnp.sum(p)}  # noqa: E731
+        fun = lambda p, empty=empty: {"y": x @ p, "e": empty * jnp.sum(p)}
         _, direction, info = sofo.value_and_sofo_grad(
             fun, loss_fn, tangent_size=6, damping=1e-3, curvature=loss, sampler="orthonormal"
         )(0, params)

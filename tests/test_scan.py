@@ -72,7 +72,7 @@ def test_full_rank_scan_equals_dense_gauss_newton(loss):
     n = flat.size
     summed = lambda p: jnp.sum(jax.vmap(step_loss)(fun(unravel(p)), ys))  # noqa: E731
     jac = jax.jacfwd(lambda p: fun(unravel(p)).reshape(T, -1))(flat)  # (T, B*D, n)
-    hess = [jax.hessian(lambda o: step_loss(o.reshape(B, D), ys[t]))(fun(params)[t].ravel()) for t in range(T)]
+    hess = [jax.hessian(lambda o, t=t: step_loss(o.reshape(B, D), ys[t]))(fun(params)[t].ravel()) for t in range(T)]
     ggn = sum(jac[t].T @ hess[t] @ jac[t] for t in range(T))
     top = jnp.linalg.eigvalsh(ggn)[-1]
     reference = jnp.linalg.solve(ggn + 1e-4 * top * jnp.eye(n), jax.grad(summed)(flat))

@@ -1,6 +1,5 @@
 """brainstate's own States in sofo.transforms, checked against jax on the same function written purely."""
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import jax

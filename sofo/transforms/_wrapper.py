@@ -231,9 +231,9 @@ def _flatten_states(transform: str, grad_states: Any) -> tuple[tuple[State, ...]
             shown = repr(leaf)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise TypeError(
-                f"{transform}: {where} is a {type(leaf).__name__} ({shown}), not a sofo.State or a brainstate State. grad_states takes a "
-                f"State, or a list, tuple or dict of States (e.g. module.states()). Wrap the value in sofo.State(...), or pass it as "
-                f"a positional argument and select it with argnums."
+                f"{transform}: {where} is a {type(leaf).__name__} ({shown}), not a sofo.State or a brainstate "
+                f"State. grad_states takes a State, or a list, tuple or dict of States (e.g. module.states()). "
+                f"Wrap the value in sofo.State(...), or pass it as a positional argument and select it with argnums."
             )
         if any(leaf is s for s in states):
             first = paths[next(i for i, s in enumerate(states) if s is leaf)]
