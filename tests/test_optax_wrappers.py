@@ -1,6 +1,6 @@
 """sofo.transform inside optax's wrappers: MultiSteps, multi_transform, masked, apply_if_finite, inject_hyperparams.
 
-Each pattern the README documents is checked against the engine called directly with the keys the
+Each pattern docs/guides/optax.md documents is checked against the engine called directly with the keys the
 transform uses, against dense damped Gauss-Newton (`jnp.linalg.solve`) or against optax's own formula.
 """
 
@@ -108,7 +108,7 @@ def test_multisteps_after_sofo_applies_the_mean_of_the_k_directions():
 
 def test_multisteps_around_sofo_needs_zeros_and_steps_on_the_last_mini_batch_only():
     # MultiSteps averages the incoming gradients, which SOFO ignores: wrapping the whole chain runs one
-    # SOFO step every k calls on the k-th batch (the README says to put MultiSteps after sofo.transform).
+    # SOFO step every k calls on the k-th batch (docs/guides/optax.md says to put MultiSteps after the SOFO transform).
     params, batch_at = problem()
     config = dict(tangent_size=3, damping=1e-3)
     tx = optax.MultiSteps(optax.chain(sofo.transform(key=2, **config), optax.sgd(1.0)), every_k_schedule=2)

@@ -112,15 +112,15 @@ def test_errors():
         jax.jit(opt.step)(jnp.ones((2, 3)), jnp.ones((2, 2)))
 
 
-def test_readme_migration_block_runs():
+def test_docs_migration_block_runs():
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = text.split("## Migrating from brainstate\n", 1)[1].split("\n## ", 1)[0]
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "guides" / "migrating.md").read_text()
+    section = text.split("## brainstate's States and modules\n", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
     namespace = {}
-    exec(compile(block, "README.md (Migrating from brainstate)", "exec"), namespace)
+    exec(compile(block, "docs/guides/migrating.md (brainstate's States and modules)", "exec"), namespace)
     assert namespace["pred"].shape == (8, 2)
     assert float(namespace["loss"]) < float(namespace["loss_fn"](namespace["pred"]))
 
