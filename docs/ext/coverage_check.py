@@ -2,7 +2,7 @@
 
 The public names are `sofo.__all__`, `sofo.optim.__all__` and `sofo.transforms.__all__`. A name has an API
 entry when the build documented it (an `autofunction`, `autoclass`, `autoexception` or `automodule`
-directive, so it is in Sphinx's Python domain under its public path, e.g. `sofo.optim.SOFO`).
+directive, or a plain `py:class` etc. for a re-exported class, so it is in Sphinx's Python domain under its public path, e.g. `sofo.optim.SOFO`).
 
 As a Sphinx extension (listed in docs/conf.py) it checks the Python domain once every page is read and
 raises an error naming each missing entry, so the build fails with or without `-W`. `missing_from_sources`
@@ -16,7 +16,10 @@ import pathlib
 import re
 
 MODULES = ("sofo", "sofo.optim", "sofo.transforms")
-DIRECTIVE = re.compile(r"^\.\. (autofunction|autoclass|autoexception|automodule|autodata):: (\S+)", re.M)
+DIRECTIVE = re.compile(
+    r"^\.\. (autofunction|autoclass|autoexception|automodule|autodata|py:function|py:class|py:exception|py:module):: (\S+)",
+    re.M,
+)
 
 
 def public_names() -> list[str]:
