@@ -151,16 +151,16 @@ print(f"loss {losses_loop[0]:.4f} -> {float(loss_fn(fun(p))):.2e} in {STEPS} SOF
     ),
     md(
         """
-## 2. The optax front: `optax.chain(sofo.transform(...), optax.sgd(lr))`
+## 2. The optax front: `optax.chain(sofo.scale_by_sofo(...), optax.sgd(lr))`
 
-`sofo.transform` keeps the PRNG key in its state (fresh tangents each step) and the last loss value. Its
+`sofo.scale_by_sofo` keeps the PRNG key in its state (fresh tangents each step) and the last loss value. Its
 `update` takes the model and the loss as keyword arguments; the incoming updates are ignored (`None`).
 Any optax transform can follow it (momentum, schedules, clipping). Here it is side by side with Adam.
 """
     ),
     code(
         """
-sofo_opt = optax.chain(sofo.transform(tangent_size=TANGENTS, damping=1e-3, curvature="mse", key=0), optax.sgd(1.0))
+sofo_opt = optax.chain(sofo.scale_by_sofo(tangent_size=TANGENTS, damping=1e-3, curvature="mse", key=0), optax.sgd(1.0))
 
 
 @jax.jit
@@ -222,7 +222,7 @@ def cross_entropy(logits, yb):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=-1))
 
 
-classifier = optax.chain(sofo.transform(tangent_size=TANGENTS, damping=1e-3, curvature="ce", key=1), optax.sgd(1.0))
+classifier = optax.chain(sofo.scale_by_sofo(tangent_size=TANGENTS, damping=1e-3, curvature="ce", key=1), optax.sgd(1.0))
 
 
 @jax.jit
@@ -305,7 +305,7 @@ trains the same network by backpropagation through time for comparison.
     ),
     code(
         """
-rnn_opt = optax.chain(sofo.transform(tangent_size=TANGENTS, damping=1e-3, key=2), optax.sgd(1.0))
+rnn_opt = optax.chain(sofo.scale_by_sofo(tangent_size=TANGENTS, damping=1e-3, key=2), optax.sgd(1.0))
 
 
 @jax.jit
