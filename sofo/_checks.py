@@ -98,8 +98,10 @@ def check_learning_rate(step_size: Any, name: str = "learning_rate") -> None:
         raise ValueError(message)
 
 
-def check_config(*, tangent_size: Any, damping: Any, curvature: Any, sampler: Any) -> None:
-    """Validates the engine's hyperparameters."""
+def check_config(
+    *, tangent_size: Any, damping: Any, curvature: Any, sampler: Any, curvature_name: str = "curvature"
+) -> None:
+    """Validates the engine's hyperparameters (`curvature_name`: the front's name for the curvature form)."""
     if not is_int(tangent_size) or tangent_size < 1:
         raise ValueError(
             f"tangent_size must be a positive int (the number K of random tangents per step); "
@@ -108,7 +110,7 @@ def check_config(*, tangent_size: Any, damping: Any, curvature: Any, sampler: An
     check_damping(damping)
     if not isinstance(curvature, str) or curvature not in CURVATURES:
         raise ValueError(
-            f"curvature={curvature!r} is not a known curvature form; choose one of "
+            f"{curvature_name}={curvature!r} is not a known curvature form; choose one of "
             f"{', '.join(map(repr, CURVATURES))} ('exact', the default, is the Hessian of loss_fn itself and is "
             f"right for any loss; 'mse' assumes 0.5*mean-over-batch squared error, 'ce' mean softmax "
             f"cross-entropy: fast paths, checked against loss_fn every step)."

@@ -77,6 +77,7 @@ def make_options(
     adaptive_damping: Any = False,
     learning_rate: Any = _UNSET,
     learning_rate_name: str = "learning_rate",
+    curvature_name: str = "curvature",
 ) -> Options:
     """Checks every shared option once and returns them as `Options`; raises before any work.
 
@@ -89,12 +90,16 @@ def make_options(
         an optax schedule (checked, not stored: it may be traced or scheduled). Left out: not checked.
       learning_rate_name: the front's name for it (`learning_rate`, or `step_size` in the brainstate-style
         fronts and the deprecated `sofo.transform`), as the error says it.
+      curvature_name: the front's name for the curvature form (`loss` in `sofo.optim`).
 
     Returns:
       The `Options`.
     """
     curvature = _checks.DEFAULT_CURVATURE if curvature is None else curvature
-    _named(front, _checks.check_config, tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
+    _named(
+        front, _checks.check_config, tangent_size=tangent_size, damping=damping, curvature=curvature,
+        sampler=sampler, curvature_name=curvature_name,
+    )
     _named(front, _checks.check_chunk_size, tangent_chunk_size)
     _named(front, _checks.check_tangent_sharding, tangent_sharding)
     adaptive = _named(front, _adaptive.check_adaptive, adaptive_damping)

@@ -97,11 +97,6 @@ class _Optimizer:
                 f"{where}: loss must be one of {_LOSSES}; got {loss!r}. The positional order is braintools' "
                 f"(model, loss_fn, lr, loss, tangent_size, damping, ...): pass tangent_size=... by keyword."
             )
-        if loss is not None and loss not in _LOSSES:
-            raise ValueError(
-                f"{where}: unknown loss {loss!r} (the curvature form); choose one of {_LOSSES}, or leave it out: "
-                f"the default, 'exact', is right for any loss_fn."
-            )
         _check_lr(where, lr)
         for name, value, allow_zero in (
             ("momentum", momentum, True), ("weight_decay", weight_decay, True),
@@ -133,6 +128,7 @@ class _Optimizer:
             curvature=_checks.resolve_curvature(None, loss, where, deprecated=False), sampler=sampler,
             tangent_chunk_size=tangent_chunk_size, adaptive_damping=adaptive_damping,
             memory_size=_alias.default_memory_size(tangent_size) if memory_size is None else memory_size,
+            curvature_name="loss",
         )
         self._where = where
         self._custom = optimizer
