@@ -1,4 +1,10 @@
-"""Argument checks shared by every front: each raises before any work, naming the argument and the fix."""
+"""Argument and shape checks shared by every front and both engines: each raises before any work, naming
+the argument and the fix.
+
+The options (tangent_size, damping, curvature, sampler, ...) are checked here and assembled once per front
+by `sofo._options.make_options`; the call-time checks of a step (key, params, memory, the model's and the
+loss's output shapes, a recurrent cell's latent) run on shapes only (`jax.eval_shape`), before any FLOPs.
+"""
 
 from __future__ import annotations
 

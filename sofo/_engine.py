@@ -1,7 +1,20 @@
-"""The SOFO engine: pure functions (key, params, ...) -> (value, direction, info).
+"""The SOFO engine, feedforward: a pure function (key, params, ...) -> (value, direction, info).
 
-Every front (optax, brainstate-style transforms, benchmarks) calls these two functions; nothing else
-samples tangents, builds a curvature sketch or solves.
+Every front (optax, brainstate-style transforms, braintools-style optimizers, benchmarks) builds its step
+here (`build`, from validated `sofo._options.Options`) or in `sofo._scan` (the recurrent engine, which
+reuses the steps below); nothing else samples tangents, builds a curvature sketch or solves. Read top to
+bottom, one step of the paper's Algorithm 1 after the other:
+
+  1. sample K tangents V (`sofo._tangents.sample`; drawn chunk by chunk as `Streamed` tangents when
+     `tangent_chunk_size` bounds memory; remembered directions enter as the sampler's `basis`);
+  2. push them through the model, JV (`_push`: one batched forward-mode pass, chunked, streamed or
+     structured);
+  3. the loss and its K directional derivatives V^T grad (`_loss_directions`);
+  4. the K x K Gauss-Newton sketch (JV)^T H_L (JV) (`sofo._curvature.sketch`);
+  5. the damped solve c = (G + damping * max_eig(G) I)^-1 g (`_finish`, `sofo._solve`);
+  6. the direction V c (`_project`).
+
+The argument and shape checks live in `sofo._checks`; the options are validated once in `sofo._options`.
 
 References:
   Yu, Xia, Ma, Lengyel & Hennequin, "Second-order forward-mode optimization of recurrent neural networks
@@ -37,35 +50,6 @@ class SofoInfo(NamedTuple):
     coefficients: jax.Array
 
 
-def _rescale_for_overflow(output_tangents, dtype, axis_name):
-    """A power of two s such that the sketch of output_tangents / s cannot overflow `dtype`.
-
-    The sketch squares the output tangents: at |u| ~ 1e20 float32 overflows to inf (then NaN) although
-    the loss is finite. With relative damping the direction is unchanged by scaling the tangents, V -> V/s
-    (Vc = (V/s)(sc)), so the engine sketches u/s and maps the coefficients back. s = 1 (bit-identical)
-    unless the squares would come within a factor 2**16 of the largest float.
-    """
-    leaves = [u.astype(dtype) for u in jax.tree_util.tree_leaves(output_tangents) if u.size]
-    if not leaves:
-        return output_tangents, jnp.ones((), dtype)
-    count = sum(u[0].size for u in leaves)
-    largest = jax.lax.stop_gradient(jnp.max(jnp.stack([jnp.max(jnp.abs(u)) for u in leaves])))
-    if axis_name is not None:
-        largest = jax.lax.pmax(largest, axis_name)
-    limit = jnp.sqrt(jnp.asarray(jnp.finfo(dtype).max, dtype) / (count * 2.0**16))
-    risky = jnp.isfinite(largest) & (largest > limit)
-    scale = jnp.where(risky, jnp.exp2(jnp.ceil(jnp.log2(jnp.where(risky, largest, 1)))), 1).astype(dtype)
-    rescaled = jax.tree_util.tree_map(lambda u: u / scale.astype(u.dtype) if u.size else u, output_tangents)
-    return rescaled, scale
-
-
-def _shard_tangents(tree, tangent_sharding):
-    """Pins the leading K axis of every leaf to the tangent mesh axis (tangent parallelism)."""
-    if tangent_sharding is None:
-        return tree
-    return jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, tangent_sharding), tree)
-
-
 @dataclasses.dataclass(frozen=True)
 class Streamed:
     """Step 1 deferred: K tangents that are drawn chunk by chunk, `draw(indices)`, and never held at once.
@@ -88,11 +72,11 @@ def _chunk_indices(tangent_size, tangent_chunk_size):
     return jnp.arange(count * tangent_chunk_size).reshape(count, tangent_chunk_size)
 
 
-def _project(tangents, coefficients, params):
-    """Step 6: the direction h = V c = sum_k c_k v_k, shaped and typed like `params`."""
-    if isinstance(tangents, Streamed):
-        return _streamed_direction(tangents.draw, tangents.indices, coefficients, params)
-    return _solve.combine(tangents, coefficients)
+def _shard_tangents(tree, tangent_sharding):
+    """Pins the leading K axis of every leaf to the tangent mesh axis (tangent parallelism)."""
+    if tangent_sharding is None:
+        return tree
+    return jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, tangent_sharding), tree)
 
 
 def _push(fn, primals, tangents, tangent_chunk_size, tangent_sharding):
@@ -132,13 +116,42 @@ def _push(fn, primals, tangents, tangent_chunk_size, tangent_sharding):
     return outputs, _shard_tangents(output_tangents, tangent_sharding)
 
 
+def _chunk_output_tangents(fun, params, tangents):
+    """Step 2 for one chunk of `Streamed` tangents: the chunk's output tangents (the chunk's tangents on the leading axis), structured or dense."""
+    if _structured.is_structured(tangents):
+        return _structured.jvp(fun, (params,), (tangents,))[1]
+    return jax.vmap(lambda v: jax.jvp(fun, (params,), (v,))[1])(tangents)
+
+
+def _rescale_for_overflow(output_tangents, dtype, axis_name):
+    """Between steps 2 and 4: a power of two s such that the sketch of output_tangents / s cannot overflow `dtype`.
+
+    The sketch squares the output tangents: at |u| ~ 1e20 float32 overflows to inf (then NaN) although
+    the loss is finite. With relative damping the direction is unchanged by scaling the tangents, V -> V/s
+    (Vc = (V/s)(sc)), so the engine sketches u/s and maps the coefficients back. s = 1 (bit-identical)
+    unless the squares would come within a factor 2**16 of the largest float.
+    """
+    leaves = [u.astype(dtype) for u in jax.tree_util.tree_leaves(output_tangents) if u.size]
+    if not leaves:
+        return output_tangents, jnp.ones((), dtype)
+    count = sum(u[0].size for u in leaves)
+    largest = jax.lax.stop_gradient(jnp.max(jnp.stack([jnp.max(jnp.abs(u)) for u in leaves])))
+    if axis_name is not None:
+        largest = jax.lax.pmax(largest, axis_name)
+    limit = jnp.sqrt(jnp.asarray(jnp.finfo(dtype).max, dtype) / (count * 2.0**16))
+    risky = jnp.isfinite(largest) & (largest > limit)
+    scale = jnp.where(risky, jnp.exp2(jnp.ceil(jnp.log2(jnp.where(risky, largest, 1)))), 1).astype(dtype)
+    rescaled = jax.tree_util.tree_map(lambda u: u / scale.astype(u.dtype) if u.size else u, output_tangents)
+    return rescaled, scale
+
+
 def _loss_directions(loss_fn, outputs, output_tangents):
     """Step 3: the loss value (once) and its K directional derivatives, by forward mode."""
     return jax.vmap(lambda u: jax.jvp(loss_fn, (outputs,), (u,)), out_axes=(None, 0))(output_tangents)
 
 
 def _finish(value, directional, curvature, project, damping, axis_name):
-    """Steps 5-6: damped solve and projection back to parameter space.
+    """Steps 5-6: damped solve and projection back to parameter space (`project`, e.g. `_project`).
 
     With `axis_name` (data parallelism under `shard_map`/`pmap`), each device holds a shard of the batch:
     the loss, directional derivatives and curvature are averaged over the devices first, which is exact
@@ -151,15 +164,15 @@ def _finish(value, directional, curvature, project, damping, axis_name):
     return value, project(coefficients), SofoInfo(top, directional, curvature, coefficients)
 
 
-def _chunk_output_tangents(fun, params, tangents):
-    """One chunk's output tangents (the chunk's tangents on the leading axis), structured or dense."""
-    if _structured.is_structured(tangents):
-        return _structured.jvp(fun, (params,), (tangents,))[1]
-    return jax.vmap(lambda v: jax.jvp(fun, (params,), (v,))[1])(tangents)
+def _project(tangents, coefficients, params):
+    """Step 6: the direction h = V c = sum_k c_k v_k, shaped and typed like `params`."""
+    if isinstance(tangents, Streamed):
+        return _streamed_direction(tangents.draw, tangents.indices, coefficients, params)
+    return _solve.combine(tangents, coefficients)
 
 
 def _streamed_direction(draw, indices, coefficients, params):
-    """h = sum_k c_k v_k with the tangents redrawn chunk by chunk (never all K at once)."""
+    """Step 6 for `Streamed` tangents: h = sum_k c_k v_k, the tangents redrawn chunk by chunk (never all K)."""
     dtype = coefficients.dtype
     padded = jnp.zeros(indices.size, dtype).at[: coefficients.size].set(coefficients).reshape(indices.shape)
 
