@@ -63,7 +63,7 @@ def test_custom_optimizer_and_no_recompile():
     brainstate.random.seed(2)
     net = brainstate.nn.Linear(3, 2)
     x, y = _regression()
-    custom = optax.chain(sofo.transform(tangent_size=6, damping=1e-2, key=1), optax.sgd(0.3, momentum=0.5))
+    custom = optax.chain(sofo.scale_by_sofo(tangent_size=6, damping=1e-2, key=1), optax.sgd(0.3, momentum=0.5))
     opt = sofo.optim.SOFO(net, mse, optimizer=custom)
     opt.register_trainable_weights(net.states(brainstate.ParamState))
     l0 = opt.step(x, y)
@@ -254,7 +254,7 @@ def test_momentum_weight_decay_and_clipping_follow_braintools_order():
                           grad_clip_norm=0.3, grad_clip_value=0.05, **options)
     opt.register_trainable_weights({"w": net.weight})
     ref = optax.chain(
-        sofo.transform(sampler="balanced", curvature="mse", step_size=0.5, **options),
+        sofo.scale_by_sofo(sampler="balanced", curvature="mse", learning_rate=0.5, **options),
         optax.clip_by_global_norm(0.3), optax.clip(0.05), optax.trace(0.5, nesterov=True),
         optax.add_decayed_weights(0.1), optax.scale(-0.5),
     )
