@@ -178,8 +178,8 @@ def transform(
     release.
 
     Args:
-      tangent_size, damping, curvature, sampler, key, tangent_chunk_size, adaptive_damping, memory_size,
-        loss: as in `sofo.scale_by_sofo`.
+      tangent_size, damping, curvature, sampler, key: as in `sofo.scale_by_sofo`.
+      tangent_chunk_size, adaptive_damping, memory_size, loss: as in `sofo.scale_by_sofo`.
       step_size: `sofo.scale_by_sofo`'s `learning_rate`.
 
     Returns:

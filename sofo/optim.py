@@ -9,7 +9,7 @@ The step is an optax transform with `update(updates, state, params, *, fun, loss
 onto `params`, calls the optimizer and writes the new values back. Eagerly, each step is compiled once
 per input shapes (States the model reads besides the trainable ones are inputs, never frozen
 constants). The optimizer state and the step count live in States (brainstate
-`LongTermState`s once brainstate is imported), so `opt.step` also runs inside
+`LongTermState` objects once brainstate is imported), so `opt.step` also runs inside
 `brainstate.transform.jit` and `brainstate.transform.for_loop`, which carry them.
 """
 
@@ -420,7 +420,7 @@ class SOFO(_Optimizer):
 
     Args:
       model: `model(inputs) -> outputs`, reading its parameters from States (a `brainstate.nn` module,
-        or any function of `sofo.State`s / brainstate States). States it writes (a counter, a running
+        or any function of `sofo.State` objects / brainstate States). States it writes (a counter, a running
         mean) keep the value written at the parameters before the step, as with brainstate's transforms.
       loss_fn: `loss_fn(outputs, targets) -> scalar`.""" + _ARGS_DOC + """
     Example:

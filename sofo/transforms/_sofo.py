@@ -178,7 +178,7 @@ def sofo_grad(
         its parameters from States.
       loss_fn: `loss_fn(outputs) -> scalar`.
       grad_states, argnums, has_aux, return_value, check_states, grad_vars, dyn_vars, reduce_axes: as in
-        `sofo.transforms.grad`; States may be `sofo.State`s or brainstate's own (e.g.
+        `sofo.transforms.grad`; States may be `sofo.State` objects or brainstate's own (e.g.
         `module.states(brainstate.ParamState)`). A state `fun` does not read (with check_states=False) gets
         a zero direction.
       loss, curvature: the curvature form (`loss` is brainstate's name, `curvature` sofo's; pass one): as
@@ -332,10 +332,11 @@ def sofo_grad_scan(
       cell: `cell(*cell_args, z, x) -> (z_new, y)`, or `((z_new, y), aux)` with has_aux; it may read its
         parameters from States but must not write States (carry such values in `z`).
       loss_fn: `loss_fn(y_t, ys_t) -> scalar`; the total loss is its sum over time.
-      grad_states, argnums, has_aux, return_value, check_states, key, adaptive_damping, step_size,
-        memory_size, grad_vars, dyn_vars, reduce_axes: as in `sofo_grad` (with adaptive damping the extra
-        evaluation is one rollout of the cell without tangents). With has_aux the per-step aux is returned stacked over time, as `lax.scan`
-        stacks it (the cell is scanned once more, primal only, to produce it).
+      grad_states, argnums, has_aux, return_value, check_states, key: as in `sofo_grad`. With has_aux
+        the per-step aux is returned stacked over time, as `lax.scan` stacks it (the cell is scanned once
+        more, primal only, to produce it).
+      adaptive_damping, step_size, memory_size, grad_vars, dyn_vars, reduce_axes: as in `sofo_grad` (with
+        adaptive damping the extra evaluation is one rollout of the cell without tangents).
       loss, curvature, tangent_size, damping, sampler, tangent_chunk_size: as in `sofo_grad` and
         `sofo.value_and_sofo_grad_scan`.
 
