@@ -252,9 +252,9 @@ def value_and_sofo_grad(
     `jax.config.update("jax_debug_nans", True)` (or `jax.debug_nans(True)` as a context), which raises at
     the first primitive that makes a NaN; in an optax loop, wrap the chain in
     `optax.apply_if_finite(..., max_consecutive_errors)` to skip non-finite updates. Output tangents so
-    large that the sketch would overflow (the norm of JV near the square root of the largest float) are rescaled by a power of
-    two first, which leaves the direction unchanged; `info` then holds the sketch and the directional
-    derivatives of the rescaled tangents.
+    large that the sketch would overflow (the norm of JV near the square root of the largest float) are
+    rescaled by a power of two first, which leaves the direction unchanged; `info` then holds the sketch
+    and the directional derivatives of the rescaled tangents.
 
     References:
       Yu et al., NeurIPS 2024, Algorithm 1.
