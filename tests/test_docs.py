@@ -100,6 +100,7 @@ def test_the_readme_and_getting_started_have_checked_examples():
         assert chains, f"{name} has no python block"
         assert any(output is not None for chain in chains for _, _, output in chain), f"{name} checks no output"
     assert len(CASES) >= 18
+    assert all((ROOT / name).is_file() for name in SLOW), "SLOW names a page that does not exist"
 
 
 def assert_output_matches(printed, expected, where):
