@@ -3,7 +3,7 @@
     python -m benchmarks.adaptive_overhead [--quick] [--rounds 7]
 
 On a vanilla RNN (the flip-flop cell), times one jitted step of: a forward rollout alone (the loss, no
-tangents); plain SOFO (`sofo.transform`, fixed damping); SOFO with Levenberg-Marquardt damping (one extra
+tangents); plain SOFO (`sofo.scale_by_sofo`, fixed damping); SOFO with Levenberg-Marquardt damping (one extra
 rollout at the candidate parameters); and `sofo.sofo` (LM plus one remembered direction). Each is compiled
 first, then timed over `--rounds` rounds of `--steps` steps (`block_until_ready`), and the median round is
 reported; the four are timed in rotation, round by round. The claim checked: LM adds at most about one forward rollout per step.
@@ -72,10 +72,10 @@ def main(argv=None) -> int:
         return step
 
     configs = [
-        ("plain SOFO (fixed damping)", optax.chain(sofo.transform(tangent_size=k, damping=1e-2), optax.sgd(1.0))),
+        ("plain SOFO (fixed damping)", optax.chain(sofo.scale_by_sofo(tangent_size=k, damping=1e-2), optax.sgd(1.0))),
         (
             "SOFO + LM damping",
-            optax.chain(sofo.transform(tangent_size=k, damping=1e-2, adaptive_damping=True), optax.sgd(1.0)),
+            optax.chain(sofo.scale_by_sofo(tangent_size=k, damping=1e-2, adaptive_damping=True), optax.sgd(1.0)),
         ),
         (f"sofo.sofo (LM, memory {min(4, k // 4)}, balanced)", sofo.sofo(tangent_size=k)),
     ]

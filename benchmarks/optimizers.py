@@ -1,6 +1,6 @@
 """The optimizers compared, each as a pure `step(state, lr) -> (state, loss)` on a `Problem`.
 
-- SOFO plain: `optax.chain(sofo.transform(...), optax.sgd(lr))` (K random tangents, Gauss-Newton in their
+- SOFO plain: `optax.chain(sofo.scale_by_sofo(...), optax.sgd(lr))` (K random tangents, Gauss-Newton in their
   span with the task's fixed damping, params -= lr * direction): the paper's algorithm.
 - sofo.sofo: the recommended configuration, `sofo.sofo(tangent_size=K)` with its defaults (learning
   rate 1, Levenberg-Marquardt damping re-judged on the next batch, min(4, K // 4) remembered directions,
@@ -66,7 +66,7 @@ class Optimizer:
 
 
 def _model_args(problem: Problem) -> dict:
-    """The keyword arguments `sofo.transform`'s update takes for this problem."""
+    """The keyword arguments `sofo.scale_by_sofo`'s update takes for this problem."""
     if problem.recurrent:
         return dict(cell=problem.cell, loss_fn=problem.step_loss, z0=problem.z0, xs=problem.xs, ys=problem.ys)
     return dict(fun=problem.fun, loss_fn=problem.loss_fn)
@@ -93,11 +93,11 @@ def _subtract(params, direction, lr):
 
 
 def make_sofo(problem: Problem, tangent_size: int, seed: int = 0) -> Optimizer:
-    """`optax.chain(sofo.transform(...), optax.sgd(lr))`, exactly as a user would write it."""
+    """`optax.chain(sofo.scale_by_sofo(...), optax.sgd(lr))`, exactly as a user would write it."""
 
     def build(lr):
         return optax.chain(
-            sofo.transform(
+            sofo.scale_by_sofo(
                 tangent_size=tangent_size,
                 damping=problem.damping,
                 curvature=problem.curvature,
@@ -139,7 +139,7 @@ def make_sofo_recommended(problem: Problem, tangent_size: int, seed: int = 0) ->
 
 
 def make_fgd(problem: Problem, tangent_size: int, seed: int = 0) -> Optimizer:
-    """Forward gradient descent on SOFO's tangents: the key schedule of `sofo.transform` (step t draws
+    """Forward gradient descent on SOFO's tangents: the key schedule of `sofo.scale_by_sofo` (step t draws
     from `split(key_t)[1]`), so with the same seed both see the same K tangents at every step."""
     engine = sofo_engine(problem, tangent_size)
     unbiased = problem.size / tangent_size  # E[sum_k v_k v_k^T] = (K / n) I for unit-norm tangents

@@ -5,10 +5,11 @@ Gauss-Newton steps in a random K-dimensional subspace, computed with forward-mod
 """
 
 from sofo._curvature import CurvatureWarning
-from sofo._engine import SofoInfo, value_and_sofo_grad, value_and_sofo_grad_scan
+from sofo._engine import SofoInfo, value_and_sofo_grad
+from sofo._scan import value_and_sofo_grad_scan
 from sofo import transforms
 from sofo.transforms import State, sofo_grad
-from sofo._optax import SofoState, transform, unmask
+from sofo._optax import SofoState, scale_by_sofo, transform, unmask
 from sofo._adaptive import AdaptiveDamping, predicted_reduction
 from sofo._alias import sofo
 from sofo import optim
@@ -19,6 +20,7 @@ __all__ = [
     "AdaptiveDamping",
     "CurvatureWarning",
     "predicted_reduction",
+    "scale_by_sofo",
     "sofo",
     "SofoInfo",
     "State",

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The subspace memory's policy lives with the optimizer state (`sofo._memory`); `adaptive_step` pushes.
+from sofo._memory import init_memory, push_memory  # noqa: F401
 
 
 class AdaptiveDamping(NamedTuple):
@@ -103,23 +107,40 @@ def check_adaptive(adaptive: Any) -> AdaptiveDamping | None:
     return adaptive
 
 
-def predicted_reduction(info: Any, step_size: Any = 1.0) -> jax.Array:
-    """The subspace quadratic model's predicted loss reduction for the step params - step_size * direction.
+def predicted_reduction(info: Any, learning_rate: Any = None, *, step_size: Any = None) -> jax.Array:
+    """The subspace quadratic model's predicted loss reduction for the step params - learning_rate * direction.
 
-    pred = step_size * c.g~ - step_size^2 / 2 * c^T G~ c, with the undamped sketch G~ (as in
+    pred = learning_rate * c.g~ - learning_rate^2 / 2 * c^T G~ c, with the undamped sketch G~ (as in
     Levenberg-Marquardt), from a `SofoInfo`.
 
     Args:
       info: the `SofoInfo` of the step (its coefficients, directional derivatives and curvature).
-      step_size: the learning rate applied to the direction.
+      learning_rate: the learning rate applied to the direction; None (the default) for 1.0, the full step.
+      step_size: the old name of `learning_rate` (deprecated: a DeprecationWarning; passing both is a
+        TypeError).
 
     Returns:
       The predicted reduction, a scalar (positive for a descent step on a convex model).
     """
+    if step_size is not None:
+        if learning_rate is not None:
+            raise TypeError(
+                f"sofo.predicted_reduction: got both learning_rate={learning_rate!r} and step_size={step_size!r}; "
+                f"they are the same option (step_size= is its old name). Pass only learning_rate=."
+            )
+        warnings.warn(
+            f"sofo.predicted_reduction: step_size={step_size!r} is deprecated and will be removed in a future "
+            f"release; pass learning_rate={step_size!r} instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        learning_rate = step_size
+    if learning_rate is None:
+        learning_rate = 1.0
     c = info.coefficients
     linear = jnp.dot(c, info.directional_derivatives.astype(c.dtype))
     quadratic = jnp.dot(c, info.curvature.astype(c.dtype) @ c)
-    return step_size * linear - 0.5 * step_size**2 * quadratic
+    return learning_rate * linear - 0.5 * learning_rate**2 * quadratic
 
 
 def damping_bounds(config: AdaptiveDamping, tangent_size: int, dtype: Any) -> tuple[float, float]:
@@ -217,27 +238,6 @@ def all_finite(tree: Any) -> jax.Array:
     """True when every number in the pytree is finite."""
     leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def init_memory(params: Any, size: int) -> Any:
-    """An empty memory: `size` all-zero directions shaped like `params` (the engine skips zero slots)."""
-    if not size:
-        return None
-    return jax.tree_util.tree_map(lambda p: jnp.zeros((size,) + jnp.shape(p), jnp.result_type(p)), params)
-
-
-def push_memory(memory: Any, direction: Any) -> Any:
-    """The memory with `direction` (normalised to unit global norm) first and the oldest entry dropped."""
-    if memory is None:
-        return None
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32)))) for leaf in jax.tree_util.tree_leaves(direction)))
-    scale = jnp.where(norm > 0, 1 / jnp.where(norm > 0, norm, 1), 0)
-
-    def leaf(stored, new):
-        unit = (new * scale.astype(new.dtype))[None]
-        return jnp.concatenate([unit.astype(stored.dtype), stored[:-1]], axis=0)
-
-    return jax.tree_util.tree_map(leaf, memory, direction)
 
 
 class StepResult(NamedTuple):

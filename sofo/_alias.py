@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofo import _adaptive, _checks, _optax
+from sofo import _adaptive, _checks, _optax, _options
 
 # The recommended configuration: Levenberg-Marquardt damping from DEFAULT_DAMPING, and up to
 # DEFAULT_MEMORY_SIZE remembered directions (at most a quarter of the tangents).
@@ -37,7 +37,7 @@ def sofo(
     """SOFO with adaptive (Levenberg-Marquardt) damping and subspace memory, as an optax optimiser.
 
     Like `optax.adam(learning_rate)`, it includes the step: `update` returns updates for
-    `optax.apply_updates`, sign included. It is `optax.chain(sofo.transform(..., step_size=learning_rate),
+    `optax.apply_updates`, sign included. It is `optax.chain(sofo.scale_by_sofo(..., learning_rate=learning_rate),
     optax.scale_by_learning_rate(learning_rate))`, so the Levenberg-Marquardt ratio is computed for the step
     actually taken. The defaults are the configuration recommended without per-task tuning: a full
     Gauss-Newton step (learning_rate 1), damping that starts at 1e-2 of the top curvature eigenvalue and
@@ -84,23 +84,17 @@ def sofo(
       networks for neuroscience", NeurIPS 2024; More, "The Levenberg-Marquardt algorithm: implementation and
       theory", 1978.
     """
-    curvature = _checks.resolve_curvature(curvature, loss, "sofo.sofo")
+    front = "sofo.sofo"
+    curvature = _checks.resolve_curvature(curvature, loss, front)
     if memory_size is None:
         memory_size = default_memory_size(tangent_size)
+    options = _options.make_options(
+        front, tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler,
+        tangent_chunk_size=tangent_chunk_size, memory_size=memory_size, adaptive_damping=adaptive_damping,
+        learning_rate=learning_rate,
+    )
     return optax.chain(
-        _optax._transform(
-            "sofo.sofo",
-            "learning_rate",
-            tangent_size=tangent_size,
-            damping=damping,
-            curvature=curvature,
-            sampler=sampler,
-            key=key,
-            tangent_chunk_size=tangent_chunk_size,
-            adaptive_damping=adaptive_damping,
-            step_size=learning_rate,
-            memory_size=memory_size,
-        ),
+        _optax.build(front, options, key=key, learning_rate=learning_rate),
         _scale_by_finite_learning_rate(learning_rate),
     )
 
@@ -108,7 +102,7 @@ def sofo(
 def _scale_by_finite_learning_rate(learning_rate: Any) -> optax.GradientTransformation:
     """`optax.scale_by_learning_rate` (same state), with exact zeros where the learning rate is not finite.
 
-    `sofo.transform` rejects a step whose learning rate (a schedule's value, or one set by
+    `sofo.scale_by_sofo` rejects a step whose learning rate (a schedule's value, or one set by
     `optax.inject_hyperparams`) is NaN or inf and returns zeros; scaled by that learning rate they would
     be NaN, and the parameters with them.
     """

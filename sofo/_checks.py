@@ -1,4 +1,10 @@
-"""Argument checks shared by every front: each raises before any work, naming the argument and the fix."""
+"""Argument and shape checks shared by every front and both engines: each raises before any work, naming
+the argument and the fix.
+
+The options (tangent_size, damping, curvature, sampler, ...) are checked here and assembled once per front
+by `sofo._options.make_options`; the call-time checks of a step (key, params, memory, the model's and the
+loss's output shapes, a recurrent cell's latent) run on shapes only (`jax.eval_shape`), before any FLOPs.
+"""
 
 from __future__ import annotations
 
@@ -50,8 +56,58 @@ def resolve_curvature(curvature: Any, loss: Any, where: str, *, deprecated: bool
     return DEFAULT_CURVATURE if curvature is None else curvature
 
 
-def check_config(*, tangent_size: Any, damping: Any, curvature: Any, sampler: Any) -> None:
-    """Validates the engine's hyperparameters."""
+# The default learning rate of `scale_by_sofo` and `predicted_reduction`, compared by identity so that an
+# explicit learning_rate (even 1.0) passed with the deprecated step_size is refused as ambiguous.
+DEFAULT_LEARNING_RATE = float("1.0")
+
+
+def resolve_learning_rate(learning_rate: Any, step_size: Any, where: str) -> Any:
+    """The learning rate from `learning_rate=` and the older `step_size=` (deprecated: a DeprecationWarning).
+
+    `step_size` was the optax layer's name for the learning rate; it is now `learning_rate` everywhere
+    there (`sofo.sofo`, `sofo.scale_by_sofo`, `sofo.predicted_reduction`). Passing both is refused.
+    """
+    if step_size is None:
+        return learning_rate
+    if learning_rate is not DEFAULT_LEARNING_RATE:
+        raise TypeError(
+            f"{where}: got both learning_rate={learning_rate!r} and step_size={step_size!r}; they are the same "
+            f"option (step_size= is its old name). Pass only learning_rate=."
+        )
+    warnings.warn(
+        f"{where}: step_size={step_size!r} is deprecated and will be removed in a future release; pass "
+        f"learning_rate={step_size!r} instead (the same quantity, under the name optax uses).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return step_size
+
+
+def check_learning_rate(step_size: Any, name: str = "learning_rate") -> None:
+    """A positive float, a float jax scalar (e.g. from optax.inject_hyperparams; checked when concrete) or
+    a schedule; `name` is the argument the user passed it as."""
+    if callable(step_size):
+        return
+    message = (
+        f"{name} must be a positive float or an optax schedule (the learning rate applied after this "
+        f"transform); got {step_size!r}. Pass the same value as the chain's learning rate."
+    )
+    if isinstance(step_size, (bool, np.bool_)):
+        raise ValueError(message)
+    if not isinstance(step_size, numbers.Real):
+        dtype = getattr(step_size, "dtype", None)
+        if dtype is None or jnp.shape(step_size) != () or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(message)
+        if isinstance(step_size, jax.core.Tracer):
+            return
+    if not (math.isfinite(float(step_size)) and float(step_size) > 0):
+        raise ValueError(message)
+
+
+def check_config(
+    *, tangent_size: Any, damping: Any, curvature: Any, sampler: Any, curvature_name: str = "curvature"
+) -> None:
+    """Validates the engine's hyperparameters (`curvature_name`: the front's name for the curvature form)."""
     if not is_int(tangent_size) or tangent_size < 1:
         raise ValueError(
             f"tangent_size must be a positive int (the number K of random tangents per step); "
@@ -60,7 +116,7 @@ def check_config(*, tangent_size: Any, damping: Any, curvature: Any, sampler: An
     check_damping(damping)
     if not isinstance(curvature, str) or curvature not in CURVATURES:
         raise ValueError(
-            f"curvature={curvature!r} is not a known curvature form; choose one of "
+            f"{curvature_name}={curvature!r} is not a known curvature form; choose one of "
             f"{', '.join(map(repr, CURVATURES))} ('exact', the default, is the Hessian of loss_fn itself and is "
             f"right for any loss; 'mse' assumes 0.5*mean-over-batch squared error, 'ce' mean softmax "
             f"cross-entropy: fast paths, checked against loss_fn every step)."
@@ -273,7 +329,7 @@ def check_scalar_loss(value: Any, name: str = "loss_fn") -> None:
 
 
 _LOSS_SIGNATURES = (
-    "loss_fn(outputs) -> scalar for sofo.sofo / sofo.transform / sofo.value_and_sofo_grad / "
+    "loss_fn(outputs) -> scalar for sofo.sofo / sofo.scale_by_sofo / sofo.value_and_sofo_grad / "
     "sofo.transforms.sofo_grad with a model fun (close over the targets: loss_fn=lambda y: my_loss(y, targets)); "
     "loss_fn(y_t, ys_t) -> scalar, summed over time, with a recurrent cell (cell=, value_and_sofo_grad_scan, "
     "sofo_grad_scan); loss_fn(outputs, targets) -> scalar for sofo.optim.SOFO"
@@ -310,3 +366,122 @@ def check_nonempty_outputs(outputs: Any, name: str) -> None:
             f"batch passed in (e.g. the last batch of a data loader, or a filter that kept nothing) and skip "
             f"empty ones."
         )
+
+
+# --- the engine's call checks (shapes only, before any FLOPs) ------------------------------------------
+
+
+def prepare_call(key, params, tangent_size, sampler, damping, default_damping, memory):
+    """Checks a step's call-time arguments (key, params, damping, memory); returns the typed key and damping."""
+    key = as_key(key)
+    check_tangent_count(tangent_size, sampler, check_params(params))
+    if damping is None:
+        damping = default_damping
+    else:
+        check_damping(damping)
+    check_memory(memory, params, tangent_size)
+    return key, damping
+
+
+def check_callable(f, name, call):
+    """Rejects a non-callable model or loss when the step is built, not when it is first called."""
+    if not callable(f):
+        raise TypeError(f"{name} must be callable; got {type(f).__name__} ({f!r}). Pass it as {call}.")
+
+
+def abstract_outputs(probe, args, name):
+    """`jax.eval_shape(probe, *args)` (no FLOPs), rejecting Python numbers among the outputs.
+
+    A Python number is constant (no tangent) and has no shape to sketch; jax would only fail later, inside
+    the curvature, with "'float' object has no attribute 'ndim'".
+    """
+    constants = []
+
+    def traced(*inner):
+        outputs = probe(*inner)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(outputs)[0]:
+            if isinstance(leaf, (bool, int, float, complex)):
+                constants.append(f"output{jax.tree_util.keystr(path)} is the Python {type(leaf).__name__} {leaf!r}")
+        return outputs
+
+    shapes = jax.eval_shape(traced, *args)
+    if constants:
+        raise TypeError(
+            f"{name} must return jax arrays computed from the parameters; {'; '.join(constants)}. Return "
+            f"e.g. jnp.asarray(...) of an expression in params (a constant has no derivative)."
+        )
+    return shapes
+
+
+def check_ce_outputs(outputs, curvature, name):
+    """curvature='ce' needs logits with a class axis on every output leaf; checked on shapes, before any FLOPs."""
+    if curvature != "ce":
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(outputs)[0]:
+        if not leaf.shape:
+            raise ValueError(
+                f"curvature='ce' needs logits with a class axis (the last axis), but {name}'s "
+                f"output{jax.tree_util.keystr(path)} is a scalar. Return logits shaped (..., classes) or use "
+                f"curvature='exact' (the default)."
+            )
+
+
+def check_axis_name(axis_name):
+    """`axis_name` only means something inside `shard_map`/`pmap`; say so before the model runs."""
+    if axis_name is None:
+        return
+    try:
+        jax.lax.psum(1, axis_name)
+    except NameError as error:
+        raise ValueError(
+            f"axis_name={axis_name!r} is not bound here: the step was called outside jax.shard_map / "
+            f"jax.pmap over that axis. Call it inside shard_map(..., mesh, in_specs, out_specs) with a mesh "
+            f"axis named {axis_name!r}, or pass axis_name=None under plain jax.jit."
+        ) from error
+
+
+def leading_length(tree, name):
+    """The common leading (time) length of a pytree's leaves; None when it holds no array."""
+    lengths = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree_util.tree_leaves(tree)}
+    if None in lengths:
+        raise ValueError(f"every leaf of {name} must have a leading time axis; found a scalar leaf.")
+    if len(lengths) > 1:
+        raise ValueError(f"the leaves of {name} disagree on the time length: {sorted(lengths)}.")
+    return lengths.pop() if lengths else None
+
+
+def check_cell(cell, loss_fn, curvature, params, z0, xs, ys):
+    """Checks (on shapes, no FLOPs) a recurrent call: time-major xs/ys of one length, a cell returning
+    (z_new, y) with z_new shaped like z, float outputs, a scalar loss. Returns T, the number of steps."""
+    t_xs, t_ys = leading_length(xs, "xs"), leading_length(ys, "ys")
+    if t_xs is None:
+        raise ValueError("xs holds no arrays; pass time-major inputs (use e.g. jnp.zeros((T, 0)) for none).")
+    if t_ys is not None and t_xs != t_ys:
+        raise ValueError(
+            f"xs and ys must have the same leading (time) length; got {t_xs} for xs and {t_ys} for ys."
+        )
+    # One time step's shapes, without indexing (T may be 0).
+    x0 = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs)
+    y0 = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), ys)
+    result = abstract_outputs(cell, (params, z0, x0), "cell")
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise TypeError(
+            f"cell must return a pair (z_new, y); got {type(result).__name__}. Write the cell as "
+            f"`def cell(params, z, x): ...; return z_new, y`."
+        )
+    z_new, y = result
+    z_spec = jax.tree_util.tree_map(lambda a: (jnp.shape(a), jnp.result_type(a)), z0)
+    z_new_spec = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), z_new)
+    if z_spec != z_new_spec:
+        raise ValueError(
+            f"cell must return a latent with the same structure, shapes and dtypes as it receives; "
+            f"z0 is {z_spec} but cell returned {z_new_spec}."
+        )
+    check_outputs(y, "cell (its y output)")
+    check_nonempty_outputs(y, "cell (its y output)")
+    check_ce_outputs(y, curvature, "cell (its y output)")
+    if t_xs == 0:
+        # No step, so nothing calls loss_fn (it may not accept what an empty ys gives it, e.g. None).
+        return 0
+    check_scalar_loss(jax.eval_shape(loss_fn, y, y0))
+    return t_xs

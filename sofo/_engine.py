@@ -1,7 +1,20 @@
-"""The SOFO engine: pure functions (key, params, ...) -> (value, direction, info).
+"""The SOFO engine, feedforward: a pure function (key, params, ...) -> (value, direction, info).
 
-Every front (optax, brainstate-style transforms, benchmarks) calls these two functions; nothing else
-samples tangents, builds a curvature sketch or solves.
+Every front (optax, brainstate-style transforms, braintools-style optimizers, benchmarks) builds its step
+here (`build`, from validated `sofo._options.Options`) or in `sofo._scan` (the recurrent engine, which
+reuses the steps below); nothing else samples tangents, builds a curvature sketch or solves. Read top to
+bottom, one step of the paper's Algorithm 1 after the other:
+
+  1. sample K tangents V (`sofo._tangents.sample`; drawn chunk by chunk as `Streamed` tangents when
+     `tangent_chunk_size` bounds memory; remembered directions enter as the sampler's `basis`);
+  2. push them through the model, JV (`_push`: one batched forward-mode pass, chunked, streamed or
+     structured);
+  3. the loss and its K directional derivatives V^T grad (`_loss_directions`);
+  4. the K x K Gauss-Newton sketch (JV)^T H_L (JV) (`sofo._curvature.sketch`);
+  5. the damped solve c = (G + damping * max_eig(G) I)^-1 g (`_finish`, `sofo._solve`);
+  6. the direction V c (`_project`).
+
+The argument and shape checks live in `sofo._checks`; the options are validated once in `sofo._options`.
 
 References:
   Yu, Xia, Ma, Lengyel & Hennequin, "Second-order forward-mode optimization of recurrent neural networks
@@ -10,12 +23,13 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from sofo import _checks, _curvature, _solve, _structured, _tangents
+from sofo import _checks, _curvature, _options, _solve, _structured, _tangents
 
 
 class SofoInfo(NamedTuple):
@@ -36,83 +50,81 @@ class SofoInfo(NamedTuple):
     coefficients: jax.Array
 
 
-def _prepare(key, params, tangent_size, sampler, damping, default_damping, memory):
-    """Checks the call's arguments; returns the typed key, the damping and the small linear algebra's dtype."""
-    key = _checks.as_key(key)
-    _checks.check_tangent_count(tangent_size, sampler, _checks.check_params(params))
-    if damping is None:
-        damping = default_damping
-    else:
-        _checks.check_damping(damping)
-    _checks.check_memory(memory, params, tangent_size)
-    return key, damping, _tangents.compute_dtype(params)
+@dataclasses.dataclass(frozen=True)
+class Streamed:
+    """Step 1 deferred: K tangents that are drawn chunk by chunk, `draw(indices)`, and never held at once.
 
-
-def _check_options(tangent_size, damping, curvature, sampler, tangent_chunk_size, tangent_sharding):
-    _checks.check_config(tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
-    _checks.check_chunk_size(tangent_chunk_size)
-    _checks.check_tangent_sharding(tangent_sharding)
-
-
-def _check_callable(f, name, call):
-    """Rejects a non-callable model or loss when the step is built, not when it is first called."""
-    if not callable(f):
-        raise TypeError(f"{name} must be callable; got {type(f).__name__} ({f!r}). Pass it as {call}.")
-
-
-def _abstract_outputs(probe, args, name):
-    """`jax.eval_shape(probe, *args)` (no FLOPs), rejecting Python numbers among the outputs.
-
-    A Python number is constant (no tangent) and has no shape to sketch; jax would only fail later, inside
-    the curvature, with "'float' object has no attribute 'ndim'".
+    Attributes:
+      draw: `draw(indices) -> tangents` for a 1-D array of tangent indices (each tangent depends only on
+        its index, so a chunk is drawn again, identically, when the direction is formed).
+      indices: the chunks, an int array (chunks, chunk size) covering 0..K-1 (the last chunk padded).
+      size: K.
     """
-    constants = []
 
-    def traced(*inner):
-        outputs = probe(*inner)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(outputs)[0]:
-            if isinstance(leaf, (bool, int, float, complex)):
-                constants.append(f"output{jax.tree_util.keystr(path)} is the Python {type(leaf).__name__} {leaf!r}")
-        return outputs
+    draw: Callable[[jax.Array], Any]
+    indices: jax.Array
+    size: int
 
-    shapes = jax.eval_shape(traced, *args)
-    if constants:
-        raise TypeError(
-            f"{name} must return jax arrays computed from the parameters; {'; '.join(constants)}. Return "
-            f"e.g. jnp.asarray(...) of an expression in params (a constant has no derivative)."
+
+def _chunk_indices(tangent_size, tangent_chunk_size):
+    """The tangent indices 0..K-1 in chunks of `tangent_chunk_size` (the last one padded past K)."""
+    count = -(-tangent_size // tangent_chunk_size)
+    return jnp.arange(count * tangent_chunk_size).reshape(count, tangent_chunk_size)
+
+
+def _shard_tangents(tree, tangent_sharding):
+    """Pins the leading K axis of every leaf to the tangent mesh axis (tangent parallelism)."""
+    if tangent_sharding is None:
+        return tree
+    return jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, tangent_sharding), tree)
+
+
+def _push(fn, primals, tangents, tangent_chunk_size, tangent_sharding):
+    """Step 2: fn's outputs (computed once) and its K output tangents, by one batched forward pass.
+
+    With `tangent_chunk_size`, the tangents go through `lax.map` in chunks of that size, so the forward
+    pass holds intermediates for one chunk only (the primal is then recomputed per chunk: cheap next to
+    the chunk's tangents). `Streamed` tangents (`primals` = (params,)) are drawn inside the map, chunk by
+    chunk, so the K tangents are never held either. Structured tangents (the "rank<r>" samplers) go
+    through `sofo._structured.push`, which keeps each matrix's factored tangent factored through its
+    matmuls.
+    """
+    if isinstance(tangents[0], Streamed):
+        (params,), streamed = primals, tangents[0]
+        outputs = fn(params)
+        output_tangents = jax.lax.map(
+            lambda ix: _chunk_output_tangents(fn, params, streamed.draw(ix)), streamed.indices
         )
-    return shapes
+        output_tangents = jax.tree_util.tree_map(
+            lambda a: a.reshape((-1,) + a.shape[2:])[: streamed.size], output_tangents
+        )
+        return outputs, output_tangents
+    tangents = _shard_tangents(tangents, tangent_sharding)
+    if _structured.is_structured(tangents[0]):
+        outputs, output_tangents = _structured.push(fn, primals, tangents, tangent_chunk_size)
+        return outputs, _shard_tangents(output_tangents, tangent_sharding)
+    size = jax.tree_util.tree_leaves(tangents)[0].shape[0]
+    if tangent_chunk_size is None or tangent_chunk_size >= size:
+        outputs, output_tangents = jax.vmap(
+            lambda *ts: jax.jvp(fn, primals, ts), out_axes=(None, 0)
+        )(*tangents)
+    else:
+        outputs = fn(*primals)
+        output_tangents = jax.lax.map(
+            lambda ts: jax.jvp(fn, primals, ts)[1], tangents, batch_size=tangent_chunk_size
+        )
+    return outputs, _shard_tangents(output_tangents, tangent_sharding)
 
 
-def _check_ce_outputs(outputs, curvature, name):
-    """curvature='ce' needs logits with a class axis on every output leaf; checked on shapes, before any FLOPs."""
-    if curvature != "ce":
-        return
-    for path, leaf in jax.tree_util.tree_flatten_with_path(outputs)[0]:
-        if not leaf.shape:
-            raise ValueError(
-                f"curvature='ce' needs logits with a class axis (the last axis), but {name}'s "
-                f"output{jax.tree_util.keystr(path)} is a scalar. Return logits shaped (..., classes) or use "
-                f"curvature='exact' (the default)."
-            )
-
-
-def _check_axis_name(axis_name):
-    """`axis_name` only means something inside `shard_map`/`pmap`; say so before the model runs."""
-    if axis_name is None:
-        return
-    try:
-        jax.lax.psum(1, axis_name)
-    except NameError as error:
-        raise ValueError(
-            f"axis_name={axis_name!r} is not bound here: the step was called outside jax.shard_map / "
-            f"jax.pmap over that axis. Call it inside shard_map(..., mesh, in_specs, out_specs) with a mesh "
-            f"axis named {axis_name!r}, or pass axis_name=None under plain jax.jit."
-        ) from error
+def _chunk_output_tangents(fun, params, tangents):
+    """Step 2 for one chunk of `Streamed` tangents: the chunk's output tangents (the chunk's tangents on the leading axis), structured or dense."""
+    if _structured.is_structured(tangents):
+        return _structured.jvp(fun, (params,), (tangents,))[1]
+    return jax.vmap(lambda v: jax.jvp(fun, (params,), (v,))[1])(tangents)
 
 
 def _rescale_for_overflow(output_tangents, dtype, axis_name):
-    """A power of two s such that the sketch of output_tangents / s cannot overflow `dtype`.
+    """Between steps 2 and 4: a power of two s such that the sketch of output_tangents / s cannot overflow `dtype`.
 
     The sketch squares the output tangents: at |u| ~ 1e20 float32 overflows to inf (then NaN) although
     the loss is finite. With relative damping the direction is unchanged by scaling the tangents, V -> V/s
@@ -133,45 +145,13 @@ def _rescale_for_overflow(output_tangents, dtype, axis_name):
     return rescaled, scale
 
 
-def _shard_tangents(tree, tangent_sharding):
-    """Pins the leading K axis of every leaf to the tangent mesh axis (tangent parallelism)."""
-    if tangent_sharding is None:
-        return tree
-    return jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, tangent_sharding), tree)
-
-
-def _push(fn, primals, tangents, tangent_chunk_size, tangent_sharding):
-    """Step 2: fn's outputs (computed once) and its K output tangents, by one batched forward pass.
-
-    With `tangent_chunk_size`, the tangents go through `lax.map` in chunks of that size, so the forward
-    pass holds intermediates for one chunk only (the primal is then recomputed per chunk: cheap next to
-    the chunk's tangents). Structured tangents (the "rank<r>" samplers) go through
-    `sofo._structured.push`, which keeps each matrix's factored tangent factored through its matmuls.
-    """
-    tangents = _shard_tangents(tangents, tangent_sharding)
-    if _structured.is_structured(tangents[0]):
-        outputs, output_tangents = _structured.push(fn, primals, tangents, tangent_chunk_size)
-        return outputs, _shard_tangents(output_tangents, tangent_sharding)
-    size = jax.tree_util.tree_leaves(tangents)[0].shape[0]
-    if tangent_chunk_size is None or tangent_chunk_size >= size:
-        outputs, output_tangents = jax.vmap(
-            lambda *ts: jax.jvp(fn, primals, ts), out_axes=(None, 0)
-        )(*tangents)
-    else:
-        outputs = fn(*primals)
-        output_tangents = jax.lax.map(
-            lambda ts: jax.jvp(fn, primals, ts)[1], tangents, batch_size=tangent_chunk_size
-        )
-    return outputs, _shard_tangents(output_tangents, tangent_sharding)
-
-
 def _loss_directions(loss_fn, outputs, output_tangents):
     """Step 3: the loss value (once) and its K directional derivatives, by forward mode."""
     return jax.vmap(lambda u: jax.jvp(loss_fn, (outputs,), (u,)), out_axes=(None, 0))(output_tangents)
 
 
 def _finish(value, directional, curvature, project, damping, axis_name):
-    """Steps 5-6: damped solve and projection back to parameter space.
+    """Steps 5-6: damped solve and projection back to parameter space (`project`, e.g. `_project`).
 
     With `axis_name` (data parallelism under `shard_map`/`pmap`), each device holds a shard of the batch:
     the loss, directional derivatives and curvature are averaged over the devices first, which is exact
@@ -184,15 +164,15 @@ def _finish(value, directional, curvature, project, damping, axis_name):
     return value, project(coefficients), SofoInfo(top, directional, curvature, coefficients)
 
 
-def _chunk_output_tangents(fun, params, tangents):
-    """One chunk's output tangents (the chunk's tangents on the leading axis), structured or dense."""
-    if _structured.is_structured(tangents):
-        return _structured.jvp(fun, (params,), (tangents,))[1]
-    return jax.vmap(lambda v: jax.jvp(fun, (params,), (v,))[1])(tangents)
+def _project(tangents, coefficients, params):
+    """Step 6: the direction h = V c = sum_k c_k v_k, shaped and typed like `params`."""
+    if isinstance(tangents, Streamed):
+        return _streamed_direction(tangents.draw, tangents.indices, coefficients, params)
+    return _solve.combine(tangents, coefficients)
 
 
 def _streamed_direction(draw, indices, coefficients, params):
-    """h = sum_k c_k v_k with the tangents redrawn chunk by chunk (never all K at once)."""
+    """Step 6 for `Streamed` tangents: h = sum_k c_k v_k, the tangents redrawn chunk by chunk (never all K)."""
     dtype = coefficients.dtype
     padded = jnp.zeros(indices.size, dtype).at[: coefficients.size].set(coefficients).reshape(indices.shape)
 
@@ -272,212 +252,63 @@ def value_and_sofo_grad(
     `jax.config.update("jax_debug_nans", True)` (or `jax.debug_nans(True)` as a context), which raises at
     the first primitive that makes a NaN; in an optax loop, wrap the chain in
     `optax.apply_if_finite(..., max_consecutive_errors)` to skip non-finite updates. Output tangents so
-    large that the sketch would overflow (|JV| near sqrt of the largest float) are rescaled by a power of
-    two first, which leaves the direction unchanged; `info` then holds the sketch and the directional
-    derivatives of the rescaled tangents.
+    large that the sketch would overflow (the norm of JV near the square root of the largest float) are
+    rescaled by a power of two first, which leaves the direction unchanged; `info` then holds the sketch
+    and the directional derivatives of the rescaled tangents.
 
     References:
       Yu et al., NeurIPS 2024, Algorithm 1.
     """
-    curvature = _checks.resolve_curvature(curvature, loss, "sofo.value_and_sofo_grad")
-    _check_options(tangent_size, damping, curvature, sampler, tangent_chunk_size, tangent_sharding)
-    default_damping = damping
-    _check_callable(fun, "fun", "fun(params) -> outputs")
-    _check_callable(loss_fn, "loss_fn", "loss_fn(outputs) -> scalar")
-    _checks.check_loss_signature(loss_fn, 1, "sofo.value_and_sofo_grad", "fun")
+    front = "sofo.value_and_sofo_grad"
+    curvature = _checks.resolve_curvature(curvature, loss, front)
+    options = _options.make_options(
+        front, tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler,
+        tangent_chunk_size=tangent_chunk_size, tangent_sharding=tangent_sharding,
+    )
+    return build(fun, loss_fn, options, front=front, axis_name=axis_name)
+
+
+def build(
+    fun: Callable[[Any], Any], loss_fn: Callable[[Any], jax.Array], options: _options.Options, *, front: str,
+    axis_name: Any = None,
+) -> Callable[..., tuple[jax.Array, Any, SofoInfo]]:
+    """`value_and_sofo_grad` from validated `Options` (what every front calls); errors name `front`."""
+    tangent_size, sampler, curvature = options.tangent_size, options.sampler, options.curvature
+    tangent_chunk_size, tangent_sharding = options.tangent_chunk_size, options.tangent_sharding
+    default_damping = options.damping
+    _checks.check_callable(fun, "fun", "fun(params) -> outputs")
+    _checks.check_callable(loss_fn, "loss_fn", "loss_fn(outputs) -> scalar")
+    _checks.check_loss_signature(loss_fn, 1, front, "fun")
 
     streamed = sampler != "orthonormal" and tangent_chunk_size is not None and tangent_chunk_size < tangent_size
 
     def value_and_direction(key, params, *, damping=None, memory=None):
-        key, damping, dtype = _prepare(key, params, tangent_size, sampler, damping, default_damping, memory)
-        _check_axis_name(axis_name)
-        out_shapes = _abstract_outputs(fun, (params,), "fun")
+        key, damping = _checks.prepare_call(key, params, tangent_size, sampler, damping, default_damping, memory)
+        dtype = _tangents.compute_dtype(params)
+        _checks.check_axis_name(axis_name)
+        out_shapes = _checks.abstract_outputs(fun, (params,), "fun")
         _checks.check_outputs(out_shapes, "fun")
         _checks.check_nonempty_outputs(out_shapes, "fun")
-        _check_ce_outputs(out_shapes, curvature, "fun")
+        _checks.check_ce_outputs(out_shapes, curvature, "fun")
         _checks.check_scalar_loss(jax.eval_shape(loss_fn, out_shapes))
+        # Step 1: the K tangents, with the remembered directions (memory) as the sampler's basis. Streamed
+        # (bounded memory): tangent k depends only on fold_in(key, k), so each chunk is drawn, pushed and
+        # dropped inside the push, and drawn again for the direction; only K output tangents are kept.
         if streamed:
-            # Bounded memory: tangent k depends only on fold_in(key, k), so each chunk is drawn, pushed and
-            # dropped, and drawn again for the direction; only K output tangents are kept.
-            count = -(-tangent_size // tangent_chunk_size)
-            indices = jnp.arange(count * tangent_chunk_size).reshape(count, tangent_chunk_size)
-            draw = lambda ix: _tangents.sample(key, params, tangent_size, sampler, ix, memory)  # noqa: E731
-            outputs = fun(params)
-            output_tangents = jax.lax.map(lambda ix: _chunk_output_tangents(fun, params, draw(ix)), indices)
-            output_tangents = jax.tree_util.tree_map(
-                lambda a: a.reshape((-1,) + a.shape[2:])[:tangent_size], output_tangents
-            )
-            project = lambda c: _streamed_direction(draw, indices, c, params)  # noqa: E731
+            draw = lambda ix: _tangents.sample(key, params, tangent_size, sampler, ix, basis=memory)  # noqa: E731
+            tangents = Streamed(draw, _chunk_indices(tangent_size, tangent_chunk_size), tangent_size)
         else:
-            tangents = _tangents.sample(key, params, tangent_size, sampler, memory=memory)
-            outputs, output_tangents = _push(
-                fun, (params,), (tangents,), tangent_chunk_size, tangent_sharding
-            )
-            project = lambda c: _solve.combine(tangents, c)  # noqa: E731
+            tangents = _tangents.sample(key, params, tangent_size, sampler, basis=memory)
+        # Step 2: the output tangents JV, by one batched forward pass.
+        outputs, output_tangents = _push(fun, (params,), (tangents,), tangent_chunk_size, tangent_sharding)
         output_tangents, scale = _rescale_for_overflow(output_tangents, dtype, axis_name)
+        # Steps 3-4: the loss, its K directional derivatives and the K x K curvature sketch.
         value, directional = _loss_directions(loss_fn, outputs, output_tangents)
         sketch = _curvature.sketch(curvature, loss_fn, outputs, output_tangents, dtype)
         _curvature.warn_on_mismatch(
             curvature, _curvature.fast_path_mismatch(curvature, loss_fn, outputs, output_tangents, dtype), "sofo"
         )
-        return _finish(value, directional, sketch, lambda c: project(c / scale), damping, axis_name)
-
-    return value_and_direction
-
-
-def _leading_length(tree, name):
-    lengths = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree_util.tree_leaves(tree)}
-    if None in lengths:
-        raise ValueError(f"every leaf of {name} must have a leading time axis; found a scalar leaf.")
-    if len(lengths) > 1:
-        raise ValueError(f"the leaves of {name} disagree on the time length: {sorted(lengths)}.")
-    return lengths.pop() if lengths else None
-
-
-def value_and_sofo_grad_scan(
-    cell: Callable[[Any, Any, Any], tuple[Any, Any]],
-    loss_fn: Callable[[Any, Any], jax.Array],
-    *,
-    tangent_size: int = 100,
-    damping: float = 1e-5,
-    curvature: str | None = None,
-    sampler: str = "normal",
-    tangent_chunk_size: int | None = None,
-    axis_name: Any = None,
-    tangent_sharding: jax.sharding.NamedSharding | None = None,
-    loss: str | None = None,
-) -> Callable[[Any, Any, Any, Any, Any], tuple[jax.Array, Any, SofoInfo]]:
-    """Builds the recurrent SOFO step for sum_t loss_fn(y_t, ys[t]) with memory constant in T.
-
-    The K tangents' effect on the latent state is carried through `lax.scan`; the directional derivatives
-    and the K x K curvature are accumulated step by step, so no output tangent is kept for all T.
-
-    Args:
-      cell: `cell(params, z, x) -> (z_new, y)`; the latent `z` may be any pytree, but its structure,
-        shapes and dtypes must not change between steps.
-      loss_fn: `loss_fn(y_t, ys_t) -> scalar`; the total loss is its SUM over time. Masks or per-step
-        weights may go in `ys`: the default curvature ("exact") takes them into account.
-      tangent_size, damping, curvature, sampler, tangent_chunk_size, axis_name, tangent_sharding, loss: as
-        in `value_and_sofo_grad`; the curvature form applies to each step's loss (so "mse" uses B = the
-        leading-axis size of y_t, and its check runs on every step), and chunking applies to each step's
-        forward pass.
-
-    Returns:
-      `f(key, params, z0, xs, ys, *, damping=None, memory=None) -> (value, direction, info)` with `xs`,
-      `ys` time-major pytrees of equal leading length T; `damping` and `memory` as in
-      `value_and_sofo_grad`. The initial latent `z0` is not differentiated (make it a parameter of `cell` to
-      learn it). With the same key it draws the same tangents as `value_and_sofo_grad`, so on the unrolled
-      rollout with the summed loss both give the same direction. Non-float leaves of the latent (an int
-      step counter, a bool mask) are carried through without tangents. With T = 0 steps the loss is the
-      empty sum, 0, and the direction is zero. NaN/inf behave as in `value_and_sofo_grad`; the overflow
-      rescaling there is not applied per time step here.
-
-    References:
-      Yu et al., NeurIPS 2024, Section 3 (recurrent networks).
-    """
-    curvature = _checks.resolve_curvature(curvature, loss, "sofo.value_and_sofo_grad_scan")
-    _check_options(tangent_size, damping, curvature, sampler, tangent_chunk_size, tangent_sharding)
-    default_damping = damping
-    _check_callable(cell, "cell", "cell(params, z, x) -> (z_new, y)")
-    _check_callable(loss_fn, "loss_fn", "loss_fn(y_t, ys_t) -> scalar")
-    _checks.check_loss_signature(loss_fn, 2, "sofo.value_and_sofo_grad_scan", "cell")
-
-    def check_cell(params, z0, xs, ys):
-        t_xs, t_ys = _leading_length(xs, "xs"), _leading_length(ys, "ys")
-        if t_xs is None:
-            raise ValueError("xs holds no arrays; pass time-major inputs (use e.g. jnp.zeros((T, 0)) for none).")
-        if t_ys is not None and t_xs != t_ys:
-            raise ValueError(
-                f"xs and ys must have the same leading (time) length; got {t_xs} for xs and {t_ys} for ys."
-            )
-        # One time step's shapes, without indexing (T may be 0).
-        x0 = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs)
-        y0 = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), ys)
-        result = _abstract_outputs(cell, (params, z0, x0), "cell")
-        if not (isinstance(result, (tuple, list)) and len(result) == 2):
-            raise TypeError(
-                f"cell must return a pair (z_new, y); got {type(result).__name__}. Write the cell as "
-                f"`def cell(params, z, x): ...; return z_new, y`."
-            )
-        z_new, y = result
-        z_spec = jax.tree_util.tree_map(lambda a: (jnp.shape(a), jnp.result_type(a)), z0)
-        z_new_spec = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), z_new)
-        if z_spec != z_new_spec:
-            raise ValueError(
-                f"cell must return a latent with the same structure, shapes and dtypes as it receives; "
-                f"z0 is {z_spec} but cell returned {z_new_spec}."
-            )
-        _checks.check_outputs(y, "cell (its y output)")
-        _checks.check_nonempty_outputs(y, "cell (its y output)")
-        _check_ce_outputs(y, curvature, "cell (its y output)")
-        if t_xs == 0:
-            # No step, so nothing calls loss_fn (it may not accept what an empty ys gives it, e.g. None).
-            return 0
-        _checks.check_scalar_loss(jax.eval_shape(loss_fn, y, y0))
-        return t_xs
-
-    def value_and_direction(key, params, z0, xs, ys, *, damping=None, memory=None):
-        key, damping, dtype = _prepare(key, params, tangent_size, sampler, damping, default_damping, memory)
-        _check_axis_name(axis_name)
-        steps = check_cell(params, z0, xs, ys)
-        tangents = _tangents.sample(key, params, tangent_size, sampler, memory=memory)
-        project = lambda c: _solve.combine(tangents, c)  # noqa: E731
-        if steps == 0:
-            # The empty sum: loss 0, no directional derivative, no curvature, so a zero direction.
-            zeros = jnp.zeros((), dtype), jnp.zeros((tangent_size,), dtype), jnp.zeros((tangent_size,) * 2, dtype)
-            return _finish(*zeros, project, damping, axis_name)
-        # Non-float latent leaves (counters, masks) are carried without tangents: only the float ones are
-        # differentiated, the others are closed over and passed through.
-        z_leaves, z_def = jax.tree_util.tree_flatten(z0)
-        is_float = [jnp.issubdtype(jnp.result_type(a), jnp.inexact) for a in z_leaves]
-        latent_tangents = [
-            jnp.zeros((tangent_size,) + jnp.shape(a), jnp.result_type(a)) for a, f in zip(z_leaves, is_float) if f
-        ]
-
-        def merge(floats, others):
-            floats, others = iter(floats), iter(others)
-            return [next(floats) if f else next(others) for f in is_float]
-
-        def split(leaves):
-            return [a for a, f in zip(leaves, is_float) if f], [a for a, f in zip(leaves, is_float) if not f]
-
-        def step(carry, inputs):
-            z, z_tangents, value, directional, sketch, mismatch = carry
-            x, target = inputs
-            z_floats, z_others = split(jax.tree_util.tree_leaves(z))
-
-            def float_cell(p, floats):
-                z_new, y = cell(p, jax.tree_util.tree_unflatten(z_def, merge(floats, z_others)), x)
-                new_floats, new_others = split(jax.tree_util.tree_leaves(z_new))
-                return new_floats, new_others, y
-
-            (new_floats, new_others, y), (z_tangents, _, y_tangents) = _push(
-                float_cell, (params, z_floats), (tangents, z_tangents), tangent_chunk_size, tangent_sharding,
-            )
-            z_new = jax.tree_util.tree_unflatten(z_def, merge(new_floats, new_others))
-            step_loss = lambda out: loss_fn(out, target)  # noqa: E731
-            step_value, step_directional = _loss_directions(step_loss, y, y_tangents)
-            step_sketch = _curvature.sketch(curvature, step_loss, y, y_tangents, dtype)
-            step_mismatch = _curvature.fast_path_mismatch(curvature, step_loss, y, y_tangents, dtype)
-            return (
-                z_new,
-                z_tangents,
-                value + step_value,
-                directional + step_directional.astype(dtype),
-                sketch + step_sketch,
-                jnp.maximum(mismatch, step_mismatch),
-            ), None
-
-        init = (
-            z0,
-            latent_tangents,
-            jnp.zeros((), dtype),
-            jnp.zeros((tangent_size,), dtype),
-            jnp.zeros((tangent_size, tangent_size), dtype),
-            jnp.zeros((), dtype),
-        )
-        (_, _, value, directional, sketch, mismatch), _ = jax.lax.scan(step, init, (xs, ys))
-        _curvature.warn_on_mismatch(curvature, mismatch, "sofo (recurrent)")
-        return _finish(value, directional, sketch, project, damping, axis_name)
+        # Steps 5-6: the damped solve and the direction V c.
+        return _finish(value, directional, sketch, lambda c: _project(tangents, c / scale, params), damping, axis_name)
 
     return value_and_direction

@@ -1,4 +1,4 @@
-"""SOFO as an optax gradient transformation: `optax.chain(sofo.transform(...), optax.sgd(lr))`.
+"""SOFO as an optax gradient transformation: `optax.chain(sofo.scale_by_sofo(...), optax.sgd(lr))`.
 
 The transform only calls the engine (`value_and_sofo_grad`, `value_and_sofo_grad_scan`); it adds the
 state optax needs: the PRNG key that gives fresh tangents every step, a step count, and the last loss
@@ -7,16 +7,14 @@ value and top curvature eigenvalue for logging.
 
 from __future__ import annotations
 
-import math
-import numbers
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from sofo import _adaptive, _checks, _engine, _tangents
+from sofo import _adaptive, _checks, _engine, _memory, _options, _scan, _tangents
 
 _FEEDFORWARD_CALL = (
     "updates, opt_state = optimizer.update(None, opt_state, params, fun=fun, loss_fn=loss_fn), "
@@ -28,8 +26,12 @@ _SCAN_CALL = (
 )
 
 
+# `transform`'s old default step_size, compared by identity to say whether one was passed.
+_TRANSFORM_DEFAULT_STEP = float("1.0")
+
+
 class SofoState(NamedTuple):
-    """State of `sofo.transform`.
+    """State of `sofo.scale_by_sofo`.
 
     Attributes:
       key: the raw data (uint32, `jax.random.key_data`) of the PRNG key the next step splits for its
@@ -60,7 +62,7 @@ class SofoState(NamedTuple):
     previous: Any = None
 
 
-def transform(
+def scale_by_sofo(
     *,
     tangent_size: int = 100,
     damping: float = 1e-5,
@@ -69,14 +71,15 @@ def transform(
     key: Any = 0,
     tangent_chunk_size: int | None = None,
     adaptive_damping: bool | _adaptive.AdaptiveDamping = False,
-    step_size: Any = 1.0,
+    learning_rate: Any = _checks.DEFAULT_LEARNING_RATE,
     memory_size: int | None = None,
     loss: str | None = None,
+    step_size: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOFO's damped Gauss-Newton direction in a random K-dimensional subspace, as an optax transform.
 
     Put it first in a chain and follow it with any optax transform that scales or edits updates:
-    `optax.chain(sofo.transform(...), optax.sgd(lr))`, with momentum, a schedule,
+    `optax.chain(sofo.scale_by_sofo(...), optax.sgd(lr))`, with momentum, a schedule,
     `optax.add_decayed_weights` or `optax.clip_by_global_norm`. Its output is the engine's `direction`,
     a descent direction shaped like the gradient (positive sign), so `sgd(lr)` steps params - lr * h.
 
@@ -112,25 +115,27 @@ def transform(
       adaptive_damping: False (default: the paper's fixed `damping`), True (Levenberg-Marquardt with
         the default `sofo.AdaptiveDamping()` schedule) or a `sofo.AdaptiveDamping(...)`. With it,
         `damping` is the initial value, and each update also evaluates the loss at the candidate
-        parameters `params - step_size * direction` on the same batch (one extra forward pass, or one
+        parameters `params - learning_rate * direction` on the same batch (one extra forward pass, or one
         rollout without tangents for a cell). A step whose loss is higher, or not finite, is rejected:
         the update is zeros (the parameters stay put) and the damping grows. Otherwise the ratio of the
         actual to the predicted reduction (`sofo.predicted_reduction`) adjusts it. By default the next
         update re-judges the step on its own batch (one more forward pass or rollout, and one
         parameter-sized buffer in the state), so that with minibatches or fresh trials the damping
         follows the held-out ratio (see `sofo.AdaptiveDamping`); this assumes the parameters passed next
-        are these minus `step_size` times the update (as `sofo.sofo` applies them).
-      step_size: the learning rate the rest of the chain applies to this transform's output, a float or
+        are these minus `learning_rate` times the update (as `sofo.sofo` applies them).
+      learning_rate: the learning rate the rest of the chain applies to this transform's output, a float or
         an optax schedule of the step count; only used by adaptive damping, to predict the reduction of
         the step actually taken. It must match: use `sofo.sofo(learning_rate)`, which sets both, or
-        `optax.chain(sofo.transform(..., step_size=lr), optax.sgd(lr))` with nothing else rescaling.
-        A step size that is not a finite number >= 0 (a schedule or injected value gone NaN) rejects the
+        `optax.chain(sofo.scale_by_sofo(..., learning_rate=lr), optax.sgd(lr))` with nothing else
+        rescaling. A learning rate that is not a finite number >= 0 (a schedule or injected value gone NaN) rejects the
         step: zeros, which `sofo.sofo` applies as exact zeros (`optax.sgd(nan)` would make them NaN).
       memory_size: m, the number of past update directions (unit norm, newest first) that replace m of
         the K random tangents each step, carrying curvature information across steps. The state then
         holds m parameter-sized buffers. None or 0 (default) for none; less than `tangent_size`, so that
         every step still explores at least one fresh random direction.
       loss: the old name of `curvature` (deprecated: a DeprecationWarning; it still works).
+      step_size: the old name of `learning_rate` (deprecated: a DeprecationWarning; it still works;
+        passing both is a TypeError).
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state is a `SofoState` of plain arrays (the key
@@ -141,37 +146,78 @@ def transform(
       Yu, Xia, Ma, Lengyel & Hennequin, "Second-order forward-mode optimization of recurrent neural
       networks for neuroscience", NeurIPS 2024.
     """
-    curvature = _checks.resolve_curvature(curvature, loss, "sofo.transform")
-    return _transform(
-        "sofo.transform", "step_size", tangent_size=tangent_size, damping=damping, curvature=curvature,
-        sampler=sampler, key=key, tangent_chunk_size=tangent_chunk_size, adaptive_damping=adaptive_damping,
-        step_size=step_size, memory_size=memory_size,
+    front = "sofo.scale_by_sofo"
+    curvature = _checks.resolve_curvature(curvature, loss, front)
+    learning_rate = _checks.resolve_learning_rate(learning_rate, step_size, front)
+    options = _options.make_options(
+        front, tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler,
+        tangent_chunk_size=tangent_chunk_size, memory_size=memory_size, adaptive_damping=adaptive_damping,
+        learning_rate=learning_rate,
     )
+    return build(front, options, key=key, learning_rate=learning_rate)
 
 
-def _transform(
-    front, step_name, *, tangent_size, damping, curvature, sampler, key, tangent_chunk_size, adaptive_damping,
-    step_size, memory_size,
-):
-    """`transform`, its errors naming `front` (the function the user called) and `step_name` (its step size)."""
-    _checks.check_config(tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
-    tangent_size = int(tangent_size)
-    _checks.check_chunk_size(tangent_chunk_size)
-    adaptive = _adaptive.check_adaptive(adaptive_damping)
-    check_step_size(step_size, step_name)
-    memory_size = _checks.check_memory_size(memory_size, tangent_size)
+def transform(
+    *,
+    tangent_size: int = 100,
+    damping: float = 1e-5,
+    curvature: str | None = None,
+    sampler: str = "normal",
+    key: Any = 0,
+    tangent_chunk_size: int | None = None,
+    adaptive_damping: bool | _adaptive.AdaptiveDamping = False,
+    step_size: Any = _TRANSFORM_DEFAULT_STEP,
+    memory_size: int | None = None,
+    loss: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Deprecated: the old name of `sofo.scale_by_sofo` (with `step_size` for its `learning_rate`).
+
+    Calling it emits one DeprecationWarning and returns exactly `sofo.scale_by_sofo(...,
+    learning_rate=step_size)`; its errors name `sofo.transform` and `step_size`. It keeps its old signature,
+    so `optax.inject_hyperparams(sofo.transform)` still injects `step_size`. It will be removed in a future
+    release.
+
+    Args:
+      tangent_size, damping, curvature, sampler, key: as in `sofo.scale_by_sofo`.
+      tangent_chunk_size, adaptive_damping, memory_size, loss: as in `sofo.scale_by_sofo`.
+      step_size: `sofo.scale_by_sofo`'s `learning_rate`.
+
+    Returns:
+      The `optax.GradientTransformationExtraArgs` of `sofo.scale_by_sofo`.
+    """
+    message = "sofo.transform is deprecated and will be removed in a future release; use sofo.scale_by_sofo"
+    renamed = []
+    if step_size is not _TRANSFORM_DEFAULT_STEP:
+        renamed.append(f"learning_rate={step_size!r} for step_size")
+    if loss is not None:
+        renamed.append(f"curvature={loss!r} for loss")
+    if renamed:
+        message += f" with {' and '.join(renamed)}"
+    # One warning per call, whatever old names it uses.
+    warnings.warn(message + " (the same transform under optax's naming).", DeprecationWarning, stacklevel=2)
+    curvature = _checks.resolve_curvature(curvature, loss, "sofo.transform", deprecated=False)
+    options = _options.make_options(
+        "sofo.transform", tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler,
+        tangent_chunk_size=tangent_chunk_size, memory_size=memory_size, adaptive_damping=adaptive_damping,
+        learning_rate=step_size, learning_rate_name="step_size",
+    )
+    return build("sofo.transform", options, key=key, learning_rate=step_size)
+
+
+def build(front: str, options: _options.Options, *, key: Any, learning_rate: Any) -> optax.GradientTransformationExtraArgs:
+    """`scale_by_sofo` from validated `Options` (what `sofo.sofo` and `sofo.optim` call too); errors name `front`.
+
+    `learning_rate` is checked by `make_options` where the user gives it (here it may be traced: sofo.optim
+    rebuilds the transform each step with the step's learning rate).
+    """
+    tangent_size, damping, sampler = options.tangent_size, options.damping, options.sampler
+    adaptive, memory_size = options.adaptive, options.memory_size
+    step_size = learning_rate
     # The state holds the key's raw uint32 data, not a typed key: plain arrays checkpoint everywhere
     # (flax.serialization, np.savez, equinox); the key is rebuilt (same implementation) at each step.
-    key = _checks.as_key(key)
+    key = _named_key(front, key)
     key_impl = jax.random.key_impl(key)
     key_data = jax.random.key_data(key)
-    config = dict(
-        tangent_size=tangent_size,
-        damping=damping,
-        curvature=curvature,
-        sampler=sampler,
-        tangent_chunk_size=tangent_chunk_size,
-    )
 
     def init_fn(params):
         if params is None:
@@ -187,7 +233,7 @@ def _transform(
             damping=start,
             ratio=jnp.zeros([], dtype),
             accepted=jnp.asarray(True),
-            memory=_adaptive.init_memory(params, memory_size),
+            memory=_memory.init_memory(params, memory_size),
             held_out_ratio=jnp.zeros([], dtype),
             previous=_adaptive.init_previous(params, adaptive, start, dtype),
         )
@@ -209,7 +255,7 @@ def _transform(
         # Other extra args are meant for other transforms in the chain.
         del updates, extra_args
         step, evaluate = _step(
-            state, params, fun=fun, loss_fn=loss_fn, cell=cell, z0=z0, xs=xs, ys=ys, config=config, front=front
+            state, params, fun=fun, loss_fn=loss_fn, cell=cell, z0=z0, xs=xs, ys=ys, options=options, front=front
         )
         _check_state(state, params, front, memory_size, key_data, adaptive)
         state_key = jnp.asarray(state.key)
@@ -286,7 +332,15 @@ def _check_state(state, params, front, memory_size, key_data, adaptive=None):
         )
 
 
-def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config, front="sofo.transform"):
+def _named_key(front, key):
+    """`_checks.as_key(key)`, its error prefixed with the front the user called."""
+    try:
+        return _checks.as_key(key)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{front}: {error}") from None
+
+
+def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, options, front="sofo.scale_by_sofo"):
     """Checks the call and returns `step(key) -> (value, direction, info)` from the matching engine."""
     if not isinstance(state, SofoState):
         raise TypeError(
@@ -318,42 +372,26 @@ def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, config, front="sofo.
             raise TypeError(
                 f"{', '.join(stray)} only apply to a recurrent cell; pass cell= instead of fun=: {_SCAN_CALL}."
             )
-        engine = _engine.value_and_sofo_grad(fun, loss_fn, **config)
+        engine = _engine.build(fun, loss_fn, options, front=front)
         step = lambda key, damping, memory: engine(key, params, damping=damping, memory=memory)  # noqa: E731
         return step, lambda candidate: loss_fn(fun(candidate))
     missing = [name for name, v in (("z0", z0), ("xs", xs)) if v is None]
     if missing:
         raise TypeError(f"with cell=, update also needs {' and '.join(m + '=' for m in missing)}: {_SCAN_CALL}.")
-    engine = _engine.value_and_sofo_grad_scan(cell, loss_fn, **config)
+    engine = _scan.build(cell, loss_fn, options, front=front)
     step = lambda key, damping, memory: engine(key, params, z0, xs, ys, damping=damping, memory=memory)  # noqa: E731
     return step, lambda candidate: _adaptive.rollout_loss(cell, loss_fn, candidate, z0, xs, ys)
 
 
 def check_step_size(step_size: Any, name: str = "step_size") -> None:
-    """A positive float, a float jax scalar (e.g. from optax.inject_hyperparams; checked when concrete) or
-    a schedule; `name` is the argument the user passed it as."""
-    if callable(step_size):
-        return
-    message = (
-        f"{name} must be a positive float or an optax schedule (the learning rate applied after this "
-        f"transform); got {step_size!r}. Pass the same value as the chain's learning rate."
-    )
-    if isinstance(step_size, (bool, np.bool_)):
-        raise ValueError(message)
-    if not isinstance(step_size, numbers.Real):
-        dtype = getattr(step_size, "dtype", None)
-        if dtype is None or jnp.shape(step_size) != () or not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(message)
-        if isinstance(step_size, jax.core.Tracer):
-            return
-    if not (math.isfinite(float(step_size)) and float(step_size) > 0):
-        raise ValueError(message)
+    """`sofo._checks.check_learning_rate` (kept under its old name for the brainstate-style fronts)."""
+    _checks.check_learning_rate(step_size, name)
 
 
 def unmask(params, full_params):
     """Fills the `optax.MaskedNode` entries of `params` from `full_params`.
 
-    Under `optax.multi_transform` or `optax.masked`, `sofo.transform` receives the parameters it trains
+    Under `optax.multi_transform` or `optax.masked`, `sofo.scale_by_sofo` receives the parameters it trains
     and `optax.MaskedNode` in place of the others, but the model needs all of them. Close over the full
     parameters when building the model: `fun = lambda p: model(sofo.unmask(p, params), x)`. SOFO then
     draws tangents for, and moves, only its own parameters; the others enter the model as constants.
@@ -369,7 +407,7 @@ def unmask(params, full_params):
     if not _holds_masked_node(params):
         return params
     usage = (
-        "Call it as sofo.unmask(p, params) with p what sofo.transform receives and params the full parameters "
+        "Call it as sofo.unmask(p, params) with p what sofo.scale_by_sofo receives and params the full parameters "
         "(the ones given to the outer optimizer's update), e.g. fun = lambda p: model(sofo.unmask(p, params), x)."
     )
     if full_params is None:
@@ -404,7 +442,7 @@ _UNMASK_EXAMPLE = {
 }
 
 
-def _explain_masked_node(f, name, front="sofo.transform"):
+def _explain_masked_node(f, name, front="sofo.scale_by_sofo"):
     """`f`, re-raising its errors with the fill-from-full-params fix (params hold optax.MaskedNode)."""
     if f is None:
         return None

@@ -1,4 +1,12 @@
-"""Step 1 of SOFO: keyed samplers of K random tangents shaped like the parameters."""
+"""Step 1 of SOFO: keyed samplers of K random tangents shaped like the parameters.
+
+A sampler may be handed a neutral `basis` of m given directions that replace m of the random tangents
+(orthonormalised against the draws with "orthonormal"); it does not know where they come from. The
+optimizers pass their remembered update directions (`sofo._memory`).
+
+References:
+  Yu, Xia, Ma, Lengyel & Hennequin, NeurIPS 2024, Algorithm 1 (step 1: sample V).
+"""
 
 from __future__ import annotations
 
@@ -41,6 +49,8 @@ def sample(
     sampler: str,
     indices: jax.Array | None = None,
     memory: Any = None,
+    *,
+    basis: Any = None,
 ) -> Any:
     """Draws tangents; returns a pytree like `params` with a leading tangent axis on each leaf.
 
@@ -62,8 +72,9 @@ def sample(
     are those of `balanced`. Tangent k depends only on `fold_in(key, k)`, as with `normal`.
     Each leaf is cast to its parameter's dtype (a JVP needs matching dtypes).
 
-    `memory` (optional): a pytree like `params` with a leading axis of m <= K stored directions (e.g. the
-    last m update directions). They take the place of tangents 0..m-1: with `normal`, tangent k < m is
+    `basis` (optional; `memory` is its older name): a pytree like `params` with a leading axis of m <= K
+    given directions to include (the optimizer passes its remembered update directions; what it keeps,
+    and when, is its own policy: `sofo._memory`). They take the place of tangents 0..m-1: with `normal`, tangent k < m is
     memory k scaled to unit norm; with `orthonormal`, the K tangents are the orthonormalisation of
     [memory, Gaussian draws], so the memory directions lie in their span. A memory direction that is all
     zeros (e.g. before any step) is replaced by the random tangent it would have displaced. With a
@@ -71,6 +82,9 @@ def sample(
     `sofo._structured.Split` (the m dense tangents, then the K - m factored ones); with `indices` (a
     chunk, traced) every tangent of the chunk is materialised.
     """
+    if basis is not None and memory is not None:
+        raise TypeError("pass the directions to include as basis= (memory= is its older name), not both.")
+    memory = basis if basis is not None else memory
     leaves, treedef = jax.tree_util.tree_flatten(params)
     shapes = [jnp.shape(leaf) for leaf in leaves]
     sizes = [int(np.prod(shape)) for shape in shapes]

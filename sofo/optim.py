@@ -9,7 +9,7 @@ The step is an optax transform with `update(updates, state, params, *, fun, loss
 onto `params`, calls the optimizer and writes the new values back. Eagerly, each step is compiled once
 per input shapes (States the model reads besides the trainable ones are inputs, never frozen
 constants). The optimizer state and the step count live in States (brainstate
-`LongTermState`s once brainstate is imported), so `opt.step` also runs inside
+`LongTermState` objects once brainstate is imported), so `opt.step` also runs inside
 `brainstate.transform.jit` and `brainstate.transform.for_loop`, which carry them.
 """
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sofo import _alias, _checks, _optax
+from sofo import _alias, _checks, _optax, _options
 from sofo.transforms import _state, _wrapper
 from sofo.transforms._wrapper import Record
 
@@ -57,7 +57,7 @@ def _has_tracer(tree: Any) -> bool:
 
 
 def _has_sofo_state(opt_state: Any) -> bool:
-    """Whether an optimizer state holds a `sofo.transform` (its optimizer computes its own direction)."""
+    """Whether an optimizer state holds a `sofo.scale_by_sofo` (its optimizer computes its own direction)."""
     is_sofo = lambda x: isinstance(x, _optax.SofoState)  # noqa: E731
     return any(is_sofo(x) for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_sofo))
 
@@ -97,11 +97,6 @@ class _Optimizer:
                 f"{where}: loss must be one of {_LOSSES}; got {loss!r}. The positional order is braintools' "
                 f"(model, loss_fn, lr, loss, tangent_size, damping, ...): pass tangent_size=... by keyword."
             )
-        if loss is not None and loss not in _LOSSES:
-            raise ValueError(
-                f"{where}: unknown loss {loss!r} (the curvature form); choose one of {_LOSSES}, or leave it out: "
-                f"the default, 'exact', is right for any loss_fn."
-            )
         _check_lr(where, lr)
         for name, value, allow_zero in (
             ("momentum", momentum, True), ("weight_decay", weight_decay, True),
@@ -128,12 +123,14 @@ class _Optimizer:
         self.grad_clip_norm = grad_clip_norm
         self.grad_clip_value = grad_clip_value
         self.key = key
-        self._options = dict(
-            tangent_size=tangent_size, damping=damping,
+        self._options = _options.make_options(
+            where, tangent_size=tangent_size, damping=damping,
             curvature=_checks.resolve_curvature(None, loss, where, deprecated=False), sampler=sampler,
             tangent_chunk_size=tangent_chunk_size, adaptive_damping=adaptive_damping,
             memory_size=_alias.default_memory_size(tangent_size) if memory_size is None else memory_size,
+            curvature_name="loss",
         )
+        self._where = where
         self._custom = optimizer
         if optimizer is None:
             # Built once here so bad options are refused before any work; rebuilt per step with the
@@ -146,8 +143,8 @@ class _Optimizer:
     # -- the optimizer --------------------------------------------------------------------------------
 
     def _build(self, lr: Any, key: Any) -> optax.GradientTransformation:
-        """The default chain: sofo.transform (LM damping, memory), braintools' extras, then the step."""
-        parts = [_optax.transform(key=key, step_size=lr, **self._options)]
+        """The default chain: sofo.scale_by_sofo (LM damping, memory), braintools' extras, then the step."""
+        parts = [_optax.build(self._where, self._options, key=key, learning_rate=lr)]
         if self.grad_clip_norm is not None:
             parts.append(optax.clip_by_global_norm(self.grad_clip_norm))
         if self.grad_clip_value is not None:
@@ -361,13 +358,6 @@ class _Optimizer:
         by_state = dict(zip(record.written, values))
         return output, [by_state[s] for s in written]
 
-    def _engine_options(self) -> dict:
-        return dict(
-            tangent_size=self._options["tangent_size"], damping=self._options["damping"],
-            curvature=self._options["curvature"], sampler=self._options["sampler"],
-            tangent_chunk_size=self._options["tangent_chunk_size"],
-        )
-
     def _direction_key(self) -> Any:
         key = _checks.as_key(0 if self.key is None else self.key)
         return jax.random.fold_in(key, self.step_count.value)
@@ -415,7 +405,7 @@ _ARGS_DOC = """
         brainstate. Each step draws fresh tangents from it.
       sampler, tangent_chunk_size, adaptive_damping, memory_size: keyword-only, as in `sofo.sofo`.
       optimizer: an optax transform to use instead of the default (`lr` and the SOFO options are then
-        ignored). One that holds a `sofo.transform` gets the model through extra args; any other (e.g.
+        ignored). One that holds a `sofo.scale_by_sofo` gets the model through extra args; any other (e.g.
         `optax.adam(1e-2)`) is fed the gradient of the loss, by reverse mode (jax.grad).
 """
 
@@ -430,7 +420,7 @@ class SOFO(_Optimizer):
 
     Args:
       model: `model(inputs) -> outputs`, reading its parameters from States (a `brainstate.nn` module,
-        or any function of `sofo.State`s / brainstate States). States it writes (a counter, a running
+        or any function of `sofo.State` objects / brainstate States). States it writes (a counter, a running
         mean) keep the value written at the parameters before the step, as with brainstate's transforms.
       loss_fn: `loss_fn(outputs, targets) -> scalar`.""" + _ARGS_DOC + """
     Example:
@@ -472,9 +462,9 @@ class SOFO(_Optimizer):
         from sofo import _engine
 
         def run(key, params, inputs, targets):
-            engine = _engine.value_and_sofo_grad(
+            engine = _engine.build(
                 lambda p: self._call(p, (inputs,)), lambda outputs: self.loss_fn(outputs, targets),
-                **self._engine_options(),
+                self._options, front=f"{self._where}.compute_direction",
             )
             return engine(key, params)[1], self._call(params, (inputs,))
 
@@ -576,10 +566,11 @@ class SOFOScan(_Optimizer):
         """
         xs, ys = self._check_data(data)
         self._require_weights()
-        from sofo import _engine
+        from sofo import _scan
 
-        engine = _engine.value_and_sofo_grad_scan(
-            lambda p, z, x: self._call(p, (z, x)), self.loss_fn, **self._engine_options()
+        engine = _scan.build(
+            lambda p, z, x: self._call(p, (z, x)), self.loss_fn, self._options,
+            front=f"{self._where}.compute_direction",
         )
 
         def run(key, params, z0, xs, ys):

@@ -56,21 +56,21 @@ def flat(tree):
 # --- the subspace model ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("step_size", [1.0, 0.3])
-def test_predicted_reduction_matches_dense_quadratic_model(step_size):
+@pytest.mark.parametrize("learning_rate", [1.0, 0.3])
+def test_predicted_reduction_matches_dense_quadratic_model(learning_rate):
     """pred = eta g.h - eta^2/2 h^T G h with g and G dense, for the engine's own direction h (K < n)."""
     fun, loss_fn, params = small_mlp()
     value, direction, info = sofo.value_and_sofo_grad(fun, loss_fn, tangent_size=6, damping=1e-3)(3, params)
     grad, ggn, _ = dense_quantities(fun, loss_fn, params)
     h = flat(direction)
-    expected = step_size * grad @ h - 0.5 * step_size**2 * h @ ggn @ h
-    np.testing.assert_allclose(sofo.predicted_reduction(info, step_size), expected, rtol=1e-10)
+    expected = learning_rate * grad @ h - 0.5 * learning_rate**2 * h @ ggn @ h
+    np.testing.assert_allclose(sofo.predicted_reduction(info, learning_rate=learning_rate), expected, rtol=1e-10)
 
 
 def test_ratio_is_one_on_least_squares_and_matches_hand_computation():
     """On linear least squares the quadratic model is exact, so rho = 1; value and damping by hand."""
     fun, loss_fn, params = least_squares()
-    tx = sofo.transform(tangent_size=3, damping=1e-2, key=1, adaptive_damping=True, step_size=1.0)
+    tx = sofo.scale_by_sofo(tangent_size=3, damping=1e-2, key=1, adaptive_damping=True, learning_rate=1.0)
     state = tx.init(params)
     direction, new_state = tx.update(None, state, params, fun=fun, loss_fn=loss_fn)
     candidate = jax.tree_util.tree_map(lambda p, h: p - h, params, direction)
@@ -88,7 +88,7 @@ def test_ratio_is_one_on_least_squares_and_matches_hand_computation():
 def test_ratio_on_a_nonlinear_model_matches_hand_computation():
     fun, loss_fn, params = small_mlp(1)
     eta = 0.7
-    tx = sofo.transform(tangent_size=5, damping=1e-1, key=2, adaptive_damping=True, step_size=eta)
+    tx = sofo.scale_by_sofo(tangent_size=5, damping=1e-1, key=2, adaptive_damping=True, learning_rate=eta)
     direction, state = tx.update(None, tx.init(params), params, fun=fun, loss_fn=loss_fn)
     # The same engine call by hand: the transform's tangents come from split(key)[1].
     step_key = jax.random.split(jax.random.key(2))[1]
@@ -132,7 +132,7 @@ def test_very_good_step_lowers_damping_and_is_applied_with_sign():
 def test_damping_stays_within_bounds():
     fun, loss_fn, params = least_squares(4)
     schedule = sofo.AdaptiveDamping(min_damping=1e-3, max_damping=2e-3)
-    tx = sofo.transform(tangent_size=5, damping=1e-3, sampler="orthonormal", adaptive_damping=schedule, step_size=50.0)
+    tx = sofo.scale_by_sofo(tangent_size=5, damping=1e-3, sampler="orthonormal", adaptive_damping=schedule, learning_rate=50.0)
     _, state = tx.update(None, tx.init(params), params, fun=fun, loss_fn=loss_fn)
     np.testing.assert_allclose(state.damping, 2e-3)  # rejected: x3, clipped to the maximum
 
@@ -157,7 +157,7 @@ def test_levenberg_marquardt_converges_where_fixed_damping_gauss_newton_diverges
             p = optax.apply_updates(p, updates)
         return p
 
-    fixed = optax.chain(sofo.transform(tangent_size=2, damping=1e-8, sampler="orthonormal"), optax.sgd(1.0))
+    fixed = optax.chain(sofo.scale_by_sofo(tangent_size=2, damping=1e-8, sampler="orthonormal"), optax.sgd(1.0))
     p_fixed = run(fixed)
     # The control diverges: the parameters run off to ~1e140 and the loss sits at arctan's ceiling.
     assert not np.all(np.abs(p_fixed) < 1e6), p_fixed
@@ -353,13 +353,13 @@ def test_recurrent_training_goes_down():
         (dict(memory_size=-1), ValueError, "memory_size must be an int with 0 <= memory_size < tangent_size"),
         (dict(memory_size=9, tangent_size=8), ValueError, "memory_size must be an int with 0 <= memory_size < tangent_size"),
         (dict(memory_size=8, tangent_size=8), ValueError, "memory_size < tangent_size=8"),
-        (dict(step_size=0.0), ValueError, "step_size must be a positive float"),
+        (dict(learning_rate=0.0), ValueError, "learning_rate must be a positive float"),
     ],
 )
 def test_bad_configuration_is_refused_when_built(kwargs, error, match):
     kwargs = {"tangent_size": 8, **kwargs}
     with pytest.raises(error, match=match):
-        sofo.transform(**kwargs)
+        sofo.scale_by_sofo(**kwargs)
 
 
 def test_bad_memory_is_refused_before_any_work():

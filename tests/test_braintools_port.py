@@ -7,7 +7,7 @@ braintools is importable (Python >= 3.12 with the test extra), the same cases al
 
 Four compile-heavy cases are marked slow (`pytest -m slow`), to keep the default run short.
 
-Differences on purpose (see README, "Migrating from braintools"): an unknown `loss` is refused when the
+Differences on purpose (see docs/guides/migrating.md, "braintools' optimizers"): an unknown `loss` is refused when the
 optimizer is built (braintools: at the first step), and the direction without a step is the public
 `compute_direction` (braintools: the private `_compute_direction`).
 """

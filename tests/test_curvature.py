@@ -263,7 +263,7 @@ def test_ce_with_label_smoothing_is_silent():
     [
         lambda **kw: sofo.value_and_sofo_grad(lambda p: p, lambda y: 0.5 * jnp.sum(y**2), **kw),
         lambda **kw: sofo.value_and_sofo_grad_scan(lambda p, z, x: (z, z), lambda y, t: jnp.sum(y), **kw),
-        lambda **kw: sofo.transform(**kw),
+        lambda **kw: sofo.scale_by_sofo(**kw),
         lambda **kw: sofo.sofo(**kw),
     ],
 )

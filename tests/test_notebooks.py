@@ -1,7 +1,9 @@
-"""Executes every notebook in notebooks/ end to end (at the small CPU size they pick on a CPU).
+"""Executes the benchmark notebook end to end (at the small CPU size it picks on a CPU).
 
-Skipped when the `notebooks` extra (nbclient, nbformat, ipykernel) is not installed:
-`pip install -e ".[notebooks]"`.
+notebooks/benchmarks.ipynb is its own source: edit it in Jupyter and save it without outputs (clear them
+before committing; the test below refuses a notebook stored with outputs). The tutorial is a docs page,
+docs/tutorial.md, run by tests/test_docs.py. Skipped when the `notebooks` extra (nbclient, nbformat,
+ipykernel) is not installed: `pip install -e ".[notebooks]"`.
 """
 
 import pathlib
@@ -18,23 +20,15 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").g
 
 
 def test_there_are_notebooks():
-    assert {p.name for p in NOTEBOOKS} >= {"tutorial.ipynb", "benchmarks.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"benchmarks.ipynb"}
 
 
-# The tutorial is the heaviest case of the default suite (about 110 s on a loaded 2-core machine): it runs
-# in the slow set (`pytest -m slow`, also run by CI); the benchmark notebook keeps the path in the default run.
-HEAVY = {"tutorial.ipynb"}
-
-
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=pytest.mark.slow) if p.name in HEAVY else p for p in NOTEBOOKS],
-    ids=[p.name for p in NOTEBOOKS],
-)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
-        f"{path.name} is stored with outputs; regenerate it with `python notebooks/build_notebooks.py`."
+        f"{path.name} is stored with outputs; clear them (Jupyter: Edit > Clear Outputs of All Cells, or "
+        f"`jupyter nbconvert --clear-output --inplace {path.name}`) before committing."
     )
     # The kernel inherits the environment: the benchmark notebook's figures go to a temporary folder,
     # and the CPU backend is forced so the notebooks pick their small sizes whatever the machine.

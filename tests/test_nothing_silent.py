@@ -109,7 +109,7 @@ def _memory_fronts(memory_size):
     w = sofo.State(jnp.ones((2, 2)))
     cell = lambda z, x: (jnp.tanh(z @ w.value + x),) * 2  # noqa: E731
     return {
-        "transform": lambda: sofo.transform(tangent_size=4, memory_size=memory_size),
+        "transform": lambda: sofo.scale_by_sofo(tangent_size=4, memory_size=memory_size),
         "sofo": lambda: sofo.sofo(tangent_size=4, memory_size=memory_size),
         "sofo_grad": lambda: sofo.sofo_grad(lambda p: p, lambda y: jnp.sum(y**2), argnums=0, tangent_size=4,
                                             memory_size=memory_size),
@@ -160,7 +160,7 @@ def test_max_damping_below_the_round_off_floor_is_refused():
     _, _, params = problem()
     params32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
     bounds = sofo.AdaptiveDamping(min_damping=1e-9, max_damping=1e-7)
-    opt = sofo.transform(tangent_size=4, adaptive_damping=bounds)
+    opt = sofo.scale_by_sofo(tangent_size=4, adaptive_damping=bounds)
     with pytest.raises(ValueError, match=r"max_damping=1e-07\) lies below the damping floor K \* eps = 4 \* 1.19e-07"):
         opt.init(params32)
     opt.init(params)  # in float64 the floor (8.9e-16) is below max_damping
@@ -173,7 +173,7 @@ def test_initial_damping_is_clipped_to_the_bounds():
     fun, loss_fn, params = problem()
     bounds = sofo.AdaptiveDamping(min_damping=1e-3, max_damping=1.0)
     for given, clipped in [(1e6, 1.0), (1e-12, 1e-3), (0.1, 0.1)]:
-        state = sofo.transform(tangent_size=4, damping=given, adaptive_damping=bounds).init(params)
+        state = sofo.scale_by_sofo(tangent_size=4, damping=given, adaptive_damping=bounds).init(params)
         assert float(state.damping) == clipped
         assert float(sofo.sofo(tangent_size=4, damping=given, adaptive_damping=bounds).init(params)[0].damping) == clipped
     # The brainstate-style front starts from the same clipped value (what its first call passes in), and
@@ -218,7 +218,7 @@ OPTIMIZERS = {
     # a legacy PRNGKey, adaptive damping and memory: the state that failed to serialise
     "sofo": lambda: sofo.sofo(optax.linear_schedule(1.0, 0.5, 6), tangent_size=4, key=jax.random.PRNGKey(3),
                               memory_size=1),
-    "transform": lambda: optax.chain(sofo.transform(tangent_size=4, key=jax.random.key(1), memory_size=2),
+    "transform": lambda: optax.chain(sofo.scale_by_sofo(tangent_size=4, key=jax.random.key(1), memory_size=2),
                                      optax.sgd(0.3)),
 }
 
@@ -284,13 +284,13 @@ def test_empty_output_batch_is_refused_early():
 
 def test_inject_hyperparams_with_the_usual_static_args():
     fun, loss_fn, params = problem(2)
-    injected = optax.inject_hyperparams(sofo.transform, static_args=("tangent_size", "loss", "sampler", "key"))(
+    injected = optax.inject_hyperparams(sofo.scale_by_sofo, static_args=("tangent_size", "loss", "sampler", "key"))(
         tangent_size=4, key=7
     )
-    plain = sofo.transform(tangent_size=4, key=7)
+    plain = sofo.scale_by_sofo(tangent_size=4, key=7)
     state = injected.init(params)
     assert_trees_equal(state.inner_state, plain.init(params))
-    assert set(state.hyperparams) == {"damping", "step_size"}
+    assert set(state.hyperparams) == {"damping", "learning_rate"}
     u_injected, _ = jax.jit(lambda s: injected.update(None, s, params, fun=fun, loss_fn=loss_fn))(state)
     # a descent direction: positive inner product with the gradient (from jax.grad)
     grad = jax.grad(lambda p: loss_fn(fun(p)))(params)
@@ -307,13 +307,13 @@ def test_numpy_integers_are_accepted_alike(integer):
     """tangent_size and memory_size take numpy ints as Python ints, in every front, with the same result."""
     fun, loss_fn, params = problem(3)
     k, m = integer(4), integer(1)
-    for make in (sofo.transform, sofo.sofo):
+    for make in (sofo.scale_by_sofo, sofo.sofo):
         state = make(tangent_size=k, memory_size=m).init(params)
-        memory = (state if make is sofo.transform else state[0]).memory
+        memory = (state if make is sofo.scale_by_sofo else state[0]).memory
         assert jax.tree_util.tree_leaves(memory)[0].shape[0] == 1
     assert sofo.sofo(tangent_size=integer(8)).init(params)[0].memory["w1"].shape[0] == 2  # the default, K // 4
     assert sofo.sofo_grad(fun, loss_fn, argnums=0, tangent_size=k, memory_size=m).adaptive.memory_size == 1
-    numpy_opt, int_opt = sofo.transform(tangent_size=k, memory_size=m), sofo.transform(tangent_size=4, memory_size=1)
+    numpy_opt, int_opt = sofo.scale_by_sofo(tangent_size=k, memory_size=m), sofo.scale_by_sofo(tangent_size=4, memory_size=1)
     assert_trees_equal(numpy_opt.init(params), int_opt.init(params))
     shapes = lambda opt: jax.eval_shape(  # noqa: E731
         lambda s: opt.update(None, s, params, fun=fun, loss_fn=loss_fn), opt.init(params)
@@ -368,7 +368,7 @@ def test_sofo_grad_scan_with_no_steps_gives_the_engines_zero_direction():
 def test_two_argument_loss_gets_an_error_naming_each_front_s_form():
     fun, _, params = problem()
     two = lambda y, t: jnp.mean((y - t) ** 2)  # noqa: E731
-    for name, opt in (("sofo.sofo", sofo.sofo(tangent_size=4)), ("sofo.transform", sofo.transform(tangent_size=4))):
+    for name, opt in (("sofo.sofo", sofo.sofo(tangent_size=4)), ("sofo.scale_by_sofo", sofo.scale_by_sofo(tangent_size=4))):
         with pytest.raises(TypeError, match=rf"{name} with fun= calls loss_fn\(outputs\).*loss_fn\(y_t, ys_t\).*"
                                             rf"loss_fn\(outputs, targets\) -> scalar for sofo.optim.SOFO"):
             opt.update(None, opt.init(params), params, fun=fun, loss_fn=two)

@@ -1,4 +1,4 @@
-"""sofo.transform against independent computations: lstsq, dense damped Gauss-Newton, hand-written optax chains."""
+"""sofo.scale_by_sofo against independent computations: lstsq, dense damped Gauss-Newton, hand-written optax chains."""
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +106,7 @@ def load_digits_split():
 
 
 def train_digits_mlp(widths, tangent_size, optimizer, steps, batch, seed=0):
-    """Trains an MLP with optax.chain(sofo.transform(curvature='ce'), ...) under one jit; returns test accuracy."""
+    """Trains an MLP with optax.chain(sofo.scale_by_sofo(curvature='ce'), ...) under one jit; returns test accuracy."""
     (x_train, y_train), (x_test, y_test) = load_digits_split()
     sizes = [64, *widths, 10]
     rng = np.random.default_rng(seed)
@@ -121,7 +121,7 @@ def train_digits_mlp(widths, tangent_size, optimizer, steps, batch, seed=0):
             x = jnp.tanh(x @ w[:-1] + w[-1])
         return x @ p[-1][:-1] + p[-1][-1]
 
-    tx = optax.chain(sofo.transform(tangent_size=tangent_size, damping=1e-2, curvature="ce", key=seed), optimizer)
+    tx = optax.chain(sofo.scale_by_sofo(tangent_size=tangent_size, damping=1e-2, curvature="ce", key=seed), optimizer)
     batches = np.random.default_rng(seed).integers(0, len(x_train), (steps, batch))
 
     @jax.jit
@@ -175,7 +175,7 @@ def test_linear_least_squares_full_rank_gauss_newton_reaches_lstsq():
         return 0.5 * jnp.mean((y - targets) ** 2)
 
     solution = jnp.linalg.lstsq(jnp.column_stack([design, np.ones(20)]), targets)[0]
-    tx = optax.chain(sofo.transform(tangent_size=8, damping=1e-12, sampler="orthonormal", key=5), optax.sgd(1.0))
+    tx = optax.chain(sofo.scale_by_sofo(tangent_size=8, damping=1e-12, sampler="orthonormal", key=5), optax.sgd(1.0))
     step = jax.jit(lambda p, s: tx.update(None, s, p, fun=fun, loss_fn=loss_fn))
     state = tx.init(params)
     for t in range(3):
@@ -194,7 +194,7 @@ def test_linear_least_squares_full_rank_gauss_newton_reaches_lstsq():
 
 def test_full_rank_step_equals_dense_gauss_newton_and_state_holds_value_and_top_eigenvalue():
     params, fun, loss_fn = mlp_problem()
-    tx = sofo.transform(tangent_size=4 * 3 + 4 + 4 * 2, damping=1e-3, sampler="orthonormal", key=2)
+    tx = sofo.scale_by_sofo(tangent_size=4 * 3 + 4 + 4 * 2, damping=1e-3, sampler="orthonormal", key=2)
     update = jax.jit(lambda s, p: tx.update(None, s, p, fun=fun, loss_fn=loss_fn))
     direction, state = update(tx.init(params), params)
     expected, top = dense_damped_gauss_newton(fun, loss_fn, params, 1e-3)
@@ -207,7 +207,7 @@ def test_state_advances_key_and_count_and_matches_engine():
     params, fun, loss_fn = mlp_problem()
     config = dict(tangent_size=5, damping=1e-3, curvature="exact", sampler="normal")
     engine = jax.jit(sofo.value_and_sofo_grad(fun, loss_fn, **config))
-    tx = sofo.transform(key=7, **config)
+    tx = sofo.scale_by_sofo(key=7, **config)
     update = jax.jit(lambda s, p: tx.update(None, s, p, fun=fun, loss_fn=loss_fn))
     state = tx.init(params)
     assert isinstance(state, sofo.SofoState)
@@ -234,16 +234,16 @@ def test_state_advances_key_and_count_and_matches_engine():
 def test_tangent_chunks_reach_the_engine_and_keep_the_direction():
     params, fun, loss_fn = mlp_problem()
     config = dict(tangent_size=7, damping=1e-3, curvature="exact", key=3)
-    whole, _ = sofo.transform(**config).update(None, sofo.transform(**config).init(params), params, fun=fun,
+    whole, _ = sofo.scale_by_sofo(**config).update(None, sofo.scale_by_sofo(**config).init(params), params, fun=fun,
                                                loss_fn=loss_fn)
-    chunked_tx = sofo.transform(tangent_chunk_size=2, **config)
+    chunked_tx = sofo.scale_by_sofo(tangent_chunk_size=2, **config)
     chunked, _ = chunked_tx.update(None, chunked_tx.init(params), params, fun=fun, loss_fn=loss_fn)
     assert_trees_close(chunked, whole, rtol=1e-10, atol=1e-13)
 
 
 def test_updates_are_ignored_and_extra_args_for_other_transforms_pass_through():
     params, fun, loss_fn = mlp_problem()
-    tx = sofo.transform(tangent_size=6, sampler="orthonormal", key=1)
+    tx = sofo.scale_by_sofo(tangent_size=6, sampler="orthonormal", key=1)
     state = tx.init(params)
     from_none, _ = jax.jit(lambda s, p: tx.update(None, s, p, fun=fun, loss_fn=loss_fn))(state, params)
     gradients = jax.tree_util.tree_map(jnp.ones_like, params)
@@ -257,7 +257,7 @@ def run_trajectory(key, steps=5, dtype=jnp.float32):
     params, _, _ = mlp_problem()
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
     data = normal(np.random.default_rng(11), steps, 10, 3).astype(dtype)
-    tx = optax.chain(sofo.transform(tangent_size=4, damping=1e-3, sampler="orthonormal", key=key), optax.sgd(0.5))
+    tx = optax.chain(sofo.scale_by_sofo(tangent_size=4, damping=1e-3, sampler="orthonormal", key=key), optax.sgd(0.5))
 
     def step(carry, x):
         params, state = carry
@@ -283,7 +283,7 @@ def test_same_seed_same_trajectory_different_seed_different():
     # Every key form seeds the same state, hence the same trajectory.
     params = mlp_problem()[0]
     for key in (3, np.int64(3), jax.random.key(3), jax.random.PRNGKey(3)):
-        state = sofo.transform(key=key).init(params)
+        state = sofo.scale_by_sofo(key=key).init(params)
         np.testing.assert_array_equal(jax.random.key_data(state.key), jax.random.key_data(jax.random.key(3)))
 
 
@@ -296,7 +296,7 @@ def test_chain_with_decay_clipping_momentum_and_schedule_matches_hand_computatio
     weight_decay, max_norm, momentum = 1e-2, 0.05, 0.9
     schedule = optax.exponential_decay(0.5, transition_steps=1, decay_rate=0.8)
     tx = optax.chain(
-        sofo.transform(key=9, **config),
+        sofo.scale_by_sofo(key=9, **config),
         optax.add_decayed_weights(weight_decay),
         optax.clip_by_global_norm(max_norm),
         optax.sgd(schedule, momentum=momentum),
@@ -341,7 +341,7 @@ def mlp_direction():
 )
 def test_extra_args_reach_sofo_through_other_combinators(make_chain, mlp_direction):
     params, fun, loss_fn = mlp_problem()
-    tx = make_chain(sofo.transform(tangent_size=3, sampler="orthonormal", key=4))
+    tx = make_chain(sofo.scale_by_sofo(tangent_size=3, sampler="orthonormal", key=4))
     updates, _ = jax.jit(lambda p, s: tx.update(None, s, p, fun=fun, loss_fn=loss_fn))(params, tx.init(params))
     assert_trees_close(updates, jax.tree_util.tree_map(lambda d: -0.1 * d, mlp_direction), rtol=1e-12, atol=1e-14)
 
@@ -352,7 +352,7 @@ def test_extra_args_reach_sofo_through_other_combinators(make_chain, mlp_directi
 def test_scan_path_gives_the_scan_engine_direction():
     params, cell, loss_fn, z0, xs, ys = rnn_problem()
     config = dict(tangent_size=5, damping=1e-3, sampler="orthonormal")
-    tx = optax.chain(sofo.transform(key=6, **config), optax.sgd(1.0))
+    tx = optax.chain(sofo.scale_by_sofo(key=6, **config), optax.sgd(1.0))
     run = jax.jit(lambda p, s: tx.update(None, s, p, cell=cell, loss_fn=loss_fn, z0=z0, xs=xs, ys=ys))
     updates, state = run(params, tx.init(params))
     value, direction, info = jax.jit(sofo.value_and_sofo_grad_scan(cell, loss_fn, **config))(
@@ -378,7 +378,7 @@ def test_scan_path_full_rank_equals_dense_gauss_newton_on_the_unrolled_loss():
     def total_loss(outputs):
         return sum(loss_fn(outputs[t], ys[t]) for t in range(xs.shape[0]))
 
-    tx = sofo.transform(tangent_size=n, damping=1e-4, sampler="orthonormal", key=0)
+    tx = sofo.scale_by_sofo(tangent_size=n, damping=1e-4, sampler="orthonormal", key=0)
     update = jax.jit(lambda s, p: tx.update(None, s, p, cell=cell, loss_fn=loss_fn, z0=z0, xs=xs, ys=ys))
     direction, state = update(tx.init(params), params)
     expected, top = dense_damped_gauss_newton(rollout, total_loss, params, 1e-4)
@@ -390,7 +390,7 @@ def test_scan_path_full_rank_equals_dense_gauss_newton_on_the_unrolled_loss():
 def test_scan_path_without_targets_passes_none_to_the_loss():
     params, cell, _, z0, xs, _ = rnn_problem()
     loss_fn = lambda y, target: 0.5 * jnp.mean(jnp.sum(y**2, -1)) + (0.0 if target is None else jnp.nan)  # noqa: E731
-    tx = sofo.transform(tangent_size=4, sampler="orthonormal", key=1)
+    tx = sofo.scale_by_sofo(tangent_size=4, sampler="orthonormal", key=1)
     direction, state = jax.jit(lambda s, p: tx.update(None, s, p, cell=cell, loss_fn=loss_fn, z0=z0, xs=xs))(
         tx.init(params), params
     )
@@ -421,7 +421,7 @@ def test_flax_linen_params():
     fun = lambda p: model.apply({"params": p}, x)  # noqa: E731
     loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - targets) ** 2, -1))  # noqa: E731
     n = ravel_pytree(params)[0].size
-    tx = optax.chain(sofo.transform(tangent_size=n, damping=1e-3, sampler="orthonormal"), optax.sgd(1.0))
+    tx = optax.chain(sofo.scale_by_sofo(tangent_size=n, damping=1e-3, sampler="orthonormal"), optax.sgd(1.0))
     updates, _ = jax.jit(lambda p, s: tx.update(None, s, p, fun=fun, loss_fn=loss_fn))(params, tx.init(params))
     expected, _ = dense_damped_gauss_newton(fun, loss_fn, params, 1e-3)
     assert_trees_close(updates, jax.tree_util.tree_map(jnp.negative, expected), rtol=1e-8, atol=1e-10)
@@ -438,7 +438,7 @@ def test_equinox_partitioned_module():
     fun = lambda p: jax.vmap(eqx.combine(p, static))(x)  # noqa: E731
     loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - targets) ** 2, -1))  # noqa: E731
     n = ravel_pytree(params)[0].size
-    tx = optax.chain(sofo.transform(tangent_size=n, damping=1e-3, sampler="orthonormal"), optax.sgd(1.0))
+    tx = optax.chain(sofo.scale_by_sofo(tangent_size=n, damping=1e-3, sampler="orthonormal"), optax.sgd(1.0))
     updates, _ = eqx.filter_jit(lambda p, s: tx.update(None, s, p, fun=fun, loss_fn=loss_fn))(params, tx.init(params))
     expected, _ = dense_damped_gauss_newton(fun, loss_fn, params, 1e-3)
     assert_trees_close(updates, jax.tree_util.tree_map(jnp.negative, expected), rtol=1e-8, atol=1e-10)
@@ -467,16 +467,16 @@ def test_equinox_partitioned_module():
 )
 def test_bad_configuration_raises_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
-        sofo.transform(**kwargs)
+        sofo.scale_by_sofo(**kwargs)
 
 
 def test_init_checks_params():
     with pytest.raises(TypeError, match=r"optimizer\.init\(params\)"):
-        sofo.transform().init(None)
+        sofo.scale_by_sofo().init(None)
     with pytest.raises(TypeError, match="must be a floating array"):
-        sofo.transform().init({"w": jnp.arange(3)})
+        sofo.scale_by_sofo().init({"w": jnp.arange(3)})
     with pytest.raises(ValueError, match="tangent_size <= the number of parameters"):
-        sofo.transform(tangent_size=5, sampler="orthonormal").init({"w": jnp.zeros(4)})
+        sofo.scale_by_sofo(tangent_size=5, sampler="orthonormal").init({"w": jnp.zeros(4)})
 
 
 FEEDFORWARD_CALL = r"optimizer\.update\(None, opt_state, params, fun=fun, loss_fn=loss_fn\)"
@@ -486,7 +486,7 @@ SCAN_CALL = r"cell=cell, loss_fn=loss_fn, z0=z0, xs=xs, ys=ys"
 def test_bad_update_calls_show_the_correct_call():
     params, fun, loss_fn = mlp_problem()
     _, cell, rnn_loss, z0, xs, ys = rnn_problem()
-    tx = sofo.transform(tangent_size=3)
+    tx = sofo.scale_by_sofo(tangent_size=3)
     state = tx.init(params)
     cases = [
         (dict(), FEEDFORWARD_CALL),  # no model, no loss
@@ -508,7 +508,7 @@ def test_bad_update_calls_show_the_correct_call():
 
 def test_missing_extra_args_through_a_chain_raise_the_same_error():
     params, fun, _ = mlp_problem()
-    tx = optax.chain(sofo.transform(tangent_size=3), optax.sgd(0.1))
+    tx = optax.chain(sofo.scale_by_sofo(tangent_size=3), optax.sgd(0.1))
     gradients = jax.tree_util.tree_map(jnp.ones_like, params)
     with pytest.raises(TypeError, match=FEEDFORWARD_CALL):
         tx.update(gradients, tx.init(params), params)  # the plain optax call, without fun/loss_fn

@@ -1,6 +1,6 @@
-"""sofo.transform inside optax's wrappers: MultiSteps, multi_transform, masked, apply_if_finite, inject_hyperparams.
+"""sofo.scale_by_sofo inside optax's wrappers: MultiSteps, multi_transform, masked, apply_if_finite, inject_hyperparams.
 
-Each pattern the README documents is checked against the engine called directly with the keys the
+Each pattern docs/guides/optax.md documents is checked against the engine called directly with the keys the
 transform uses, against dense damped Gauss-Newton (`jnp.linalg.solve`) or against optax's own formula.
 """
 
@@ -36,7 +36,7 @@ def mse(targets):
 
 
 def step_keys(key, steps):
-    """sofo.transform's documented key discipline: step t splits key_t into (key_{t+1}, tangent key)."""
+    """sofo.scale_by_sofo's documented key discipline: step t splits key_t into (key_{t+1}, tangent key)."""
     keys = []
     for _ in range(steps):
         key, step_key = jax.random.split(key)
@@ -72,14 +72,14 @@ def test_unmask_fills_masked_nodes_from_the_full_params():
     assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(unchanged), jax.tree_util.tree_leaves(full)))
 
 
-# --- MultiSteps: accumulate SOFO directions after sofo.transform ---------------------------------
+# --- MultiSteps: accumulate SOFO directions after sofo.scale_by_sofo ---------------------------------
 
 
 def test_multisteps_after_sofo_applies_the_mean_of_the_k_directions():
     params, batch_at = problem()
     config = dict(tangent_size=3, damping=1e-3)
     lr, k = 0.5, 2
-    tx = optax.chain(sofo.transform(key=5, **config), optax.MultiSteps(optax.sgd(lr), every_k_schedule=k))
+    tx = optax.chain(sofo.scale_by_sofo(key=5, **config), optax.MultiSteps(optax.sgd(lr), every_k_schedule=k))
 
     @jax.jit
     def train_step(params, state, x, y):
@@ -108,10 +108,10 @@ def test_multisteps_after_sofo_applies_the_mean_of_the_k_directions():
 
 def test_multisteps_around_sofo_needs_zeros_and_steps_on_the_last_mini_batch_only():
     # MultiSteps averages the incoming gradients, which SOFO ignores: wrapping the whole chain runs one
-    # SOFO step every k calls on the k-th batch (the README says to put MultiSteps after sofo.transform).
+    # SOFO step every k calls on the k-th batch (docs/guides/optax.md says to put MultiSteps after the SOFO transform).
     params, batch_at = problem()
     config = dict(tangent_size=3, damping=1e-3)
-    tx = optax.MultiSteps(optax.chain(sofo.transform(key=2, **config), optax.sgd(1.0)), every_k_schedule=2)
+    tx = optax.MultiSteps(optax.chain(sofo.scale_by_sofo(key=2, **config), optax.sgd(1.0)), every_k_schedule=2)
     state = tx.init(params)
     x, y = batch_at(0)
     # optax tree-maps over `updates`: None is refused (a ValueError; optax 0.2.5 on jax 0.4.31, the floor,
@@ -150,7 +150,7 @@ def test_masked_sofo_moves_only_its_own_params_by_the_sub_problem_gauss_newton_s
     x, y = batch_at(0)
     # Full rank on the 12 parameters of w: the step is the dense damped Gauss-Newton step of the sub-problem.
     config = dict(tangent_size=12, damping=1e-3, sampler="orthonormal")
-    tx = optax.masked(optax.chain(sofo.transform(key=3, **config), optax.sgd(1.0)), {"w": True, "v": False})
+    tx = optax.masked(optax.chain(sofo.scale_by_sofo(key=3, **config), optax.sgd(1.0)), {"w": True, "v": False})
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)  # masked passes the others' updates through
     update = jax.jit(
         lambda s, p: tx.update(zeros, s, p, fun=lambda q: model(sofo.unmask(q, p), x), loss_fn=mse(y))
@@ -170,7 +170,7 @@ def test_multi_transform_sofo_on_some_params_adam_or_frozen_on_the_rest():
     config = dict(tangent_size=4, damping=1e-3)
     lr_sofo, lr_adam = 0.5, 0.01
     labels = {"w": "sofo", "v": "other"}
-    sofo_tx = optax.chain(sofo.transform(key=8, **config), optax.sgd(lr_sofo))
+    sofo_tx = optax.chain(sofo.scale_by_sofo(key=8, **config), optax.sgd(lr_sofo))
     keys = step_keys(jax.random.key(8), 2)
     def sub_direction(key, p, x, y):
         f = sofo.value_and_sofo_grad(lambda q: model({**q, "v": p["v"]}, x), mse(y), **config)
@@ -211,19 +211,19 @@ def test_multi_transform_sofo_on_some_params_adam_or_frozen_on_the_rest():
 def test_masked_params_reaching_a_model_that_reads_them_raise_with_the_fix():
     params, batch_at = problem()
     x, y = batch_at(0)
-    tx = optax.masked(sofo.transform(tangent_size=3, key=0), {"w": True, "v": False})
+    tx = optax.masked(sofo.scale_by_sofo(tangent_size=3, key=0), {"w": True, "v": False})
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     with pytest.raises(TypeError, match=r"optax\.MaskedNode.*sofo\.unmask\(p, params\)"):
         tx.update(zeros, tx.init(params), params, fun=lambda p: model(p, x), loss_fn=mse(y))
 
 
-# --- apply_if_finite: after sofo.transform, where SOFO's direction is the checked update -----------
+# --- apply_if_finite: after sofo.scale_by_sofo, where SOFO's direction is the checked update -----------
 
 
 def test_apply_if_finite_after_sofo_skips_non_finite_directions():
     params, batch_at = problem(seed=3)
     config = dict(tangent_size=3, damping=1e-3)
-    tx = optax.chain(sofo.transform(key=4, **config), optax.apply_if_finite(optax.sgd(1.0), max_consecutive_errors=3))
+    tx = optax.chain(sofo.scale_by_sofo(key=4, **config), optax.apply_if_finite(optax.sgd(1.0), max_consecutive_errors=3))
     keys = step_keys(jax.random.key(4), 2)
 
     @jax.jit
@@ -246,7 +246,7 @@ def test_apply_if_finite_around_sofo_does_not_see_its_direction():
     # apply_if_finite checks the incoming updates, which SOFO ignores: a NaN direction passes through.
     params, batch_at = problem()
     x, y = batch_at(0)
-    tx = optax.apply_if_finite(optax.chain(sofo.transform(tangent_size=3, key=0), optax.sgd(1.0)), 3)
+    tx = optax.apply_if_finite(optax.chain(sofo.scale_by_sofo(tangent_size=3, key=0), optax.sgd(1.0)), 3)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     updates, state = tx.update(zeros, tx.init(params), params, fun=lambda p: jnp.nan * model(p, x), loss_fn=mse(y))
     assert np.isnan(ravel_pytree(updates)[0]).all() and bool(state.last_finite)
@@ -260,7 +260,7 @@ def test_inject_hyperparams_learning_rate_of_a_sofo_chain():
     config = dict(tangent_size=3, damping=1e-3)
 
     def sofo_sgd(learning_rate):
-        return optax.chain(sofo.transform(key=6, **config), optax.sgd(learning_rate))
+        return optax.chain(sofo.scale_by_sofo(key=6, **config), optax.sgd(learning_rate))
 
     tx = optax.inject_hyperparams(sofo_sgd)(learning_rate=0.5)
     keys = step_keys(jax.random.key(6), 2)
@@ -282,7 +282,7 @@ def test_inject_hyperparams_damping():
     params, batch_at = problem(seed=5)
     x, y = batch_at(0)
     static = ("tangent_size", "loss", "sampler", "key", "tangent_chunk_size", "adaptive_damping", "memory_size")
-    tx = optax.inject_hyperparams(sofo.transform, static_args=static)(tangent_size=3, damping=1e-3, key=1)
+    tx = optax.inject_hyperparams(sofo.scale_by_sofo, static_args=static)(tangent_size=3, damping=1e-3, key=1)
     state = tx.init(params)
     state.hyperparams["damping"] = jnp.asarray(1e-1)
     direction, state = jax.jit(lambda s, p: tx.update(None, s, p, fun=lambda q: model(q, x), loss_fn=mse(y)))(
@@ -311,7 +311,7 @@ def test_masked_recurrent_cell_trains_its_own_params_by_the_scan_engine_sub_prob
 
     config = dict(tangent_size=4, damping=1e-3)
     mask = {"rec": True, "inp": False, "out": True}
-    tx = optax.masked(sofo.transform(key=9, **config), mask)
+    tx = optax.masked(sofo.scale_by_sofo(key=9, **config), mask)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     with pytest.raises(TypeError, match="cell failed on params holding optax.MaskedNode"):
         tx.update(zeros, tx.init(params), params, cell=cell, loss_fn=loss_fn, z0=z0, xs=xs, ys=ys)

@@ -63,7 +63,7 @@ def test_custom_optimizer_and_no_recompile():
     brainstate.random.seed(2)
     net = brainstate.nn.Linear(3, 2)
     x, y = _regression()
-    custom = optax.chain(sofo.transform(tangent_size=6, damping=1e-2, key=1), optax.sgd(0.3, momentum=0.5))
+    custom = optax.chain(sofo.scale_by_sofo(tangent_size=6, damping=1e-2, key=1), optax.sgd(0.3, momentum=0.5))
     opt = sofo.optim.SOFO(net, mse, optimizer=custom)
     opt.register_trainable_weights(net.states(brainstate.ParamState))
     l0 = opt.step(x, y)
@@ -112,15 +112,15 @@ def test_errors():
         jax.jit(opt.step)(jnp.ones((2, 3)), jnp.ones((2, 2)))
 
 
-def test_readme_migration_block_runs():
+def test_docs_migration_block_runs():
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = text.split("## Migrating from brainstate\n", 1)[1].split("\n## ", 1)[0]
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "guides" / "migrating.md").read_text()
+    section = text.split("## brainstate's States and modules\n", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
     namespace = {}
-    exec(compile(block, "README.md (Migrating from brainstate)", "exec"), namespace)
+    exec(compile(block, "docs/guides/migrating.md (brainstate's States and modules)", "exec"), namespace)
     assert namespace["pred"].shape == (8, 2)
     assert float(namespace["loss"]) < float(namespace["loss_fn"](namespace["pred"]))
 
@@ -254,7 +254,7 @@ def test_momentum_weight_decay_and_clipping_follow_braintools_order():
                           grad_clip_norm=0.3, grad_clip_value=0.05, **options)
     opt.register_trainable_weights({"w": net.weight})
     ref = optax.chain(
-        sofo.transform(sampler="balanced", curvature="mse", step_size=0.5, **options),
+        sofo.scale_by_sofo(sampler="balanced", curvature="mse", learning_rate=0.5, **options),
         optax.clip_by_global_norm(0.3), optax.clip(0.05), optax.trace(0.5, nesterov=True),
         optax.add_decayed_weights(0.1), optax.scale(-0.5),
     )

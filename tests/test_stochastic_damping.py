@@ -64,7 +64,7 @@ def test_held_out_ratio_and_damping_match_a_hand_computation():
     params0 = _params()
     n = _flat(params0).size
     # K = n orthonormal tangents: the subspace model is the full Gauss-Newton model.
-    opt = sofo.transform(
+    opt = sofo.scale_by_sofo(
         tangent_size=n, sampler="orthonormal", curvature="mse", damping=1.0, adaptive_damping=True, key=3
     )
     state0 = opt.init(params0)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sofo import _adaptive, _checks, _engine, _optax, _tangents
+from sofo import _adaptive, _checks, _engine, _memory, _options, _scan, _tangents
 from sofo.transforms import _keys, _state, _wrapper
 from sofo.transforms._wrapper import MISSING, Record, Spec
 
@@ -85,16 +85,16 @@ class AdaptiveState:
       previous: the last step, kept to re-judge it on the next call's data, or None.
     """
 
-    def __init__(self, transform, adaptive_damping, step_size, memory_size, damping, tangent_size):
-        self.config = _adaptive.check_adaptive(adaptive_damping)
-        _optax.check_step_size(step_size)
+    def __init__(self, transform, options, step_size):
+        """`options` come validated from `sofo._options.make_options` (step_size included)."""
         if callable(step_size):
             raise ValueError(f"{transform}: step_size must be a positive float here (no step count is kept).")
-        self.memory_size = _checks.check_memory_size(memory_size, tangent_size, f"{transform}: ")
+        self.config = options.adaptive
+        self.memory_size = options.memory_size
         self.transform = transform
-        self.tangent_size = tangent_size
+        self.tangent_size = options.tangent_size
         self.step_size = float(step_size)
-        self.damping = damping
+        self.damping = options.damping
         self.ratio = None
         self.accepted = None
         self.memory = None
@@ -111,10 +111,10 @@ class AdaptiveState:
             raise TypeError(
                 f"{self.transform}(adaptive_damping=..., memory_size=...) keeps its damping and memory between "
                 f"calls, so it must be called eagerly, not under jax.jit or another trace. Under jit use "
-                f"sofo.sofo(...) or sofo.transform(adaptive_damping=True, ...), whose state is explicit."
+                f"sofo.sofo(...) or sofo.scale_by_sofo(adaptive_damping=True, ...), whose state is explicit."
             )
         if self.memory is None and self.memory_size:
-            self.memory = _adaptive.init_memory(params, self.memory_size)
+            self.memory = _memory.init_memory(params, self.memory_size)
         dtype = _tangents.compute_dtype(params)
         if self.config is not None:
             # The initial damping within the schedule's bounds, as every later one (a no-op after a call).
@@ -178,7 +178,7 @@ def sofo_grad(
         its parameters from States.
       loss_fn: `loss_fn(outputs) -> scalar`.
       grad_states, argnums, has_aux, return_value, check_states, grad_vars, dyn_vars, reduce_axes: as in
-        `sofo.transforms.grad`; States may be `sofo.State`s or brainstate's own (e.g.
+        `sofo.transforms.grad`; States may be `sofo.State` objects or brainstate's own (e.g.
         `module.states(brainstate.ParamState)`). A state `fun` does not read (with check_states=False) gets
         a zero direction.
       loss, curvature: the curvature form (`loss` is brainstate's name, `curvature` sofo's; pass one): as
@@ -190,7 +190,7 @@ def sofo_grad(
         draws the next key of sofo's own sequence (seed it with `sofo.transforms.seed(n)`); a call that
         raises gives its key back. That needs concrete execution, so under jax.jit pass key=.
       adaptive_damping, step_size, memory_size: Levenberg-Marquardt damping and subspace memory as in
-        `sofo.transform` (`damping` is then the initial value, and `step_size` must be the learning rate
+        `sofo.scale_by_sofo` (`damping` is then the initial value, and `step_size` must be the learning rate
         you apply: `value - step_size * direction`). Each call also evaluates the loss at
         `params - step_size * direction`; a step that would raise the loss (or is not finite) is rejected
         and a zero direction returned. The damping and memory live on the returned function, as
@@ -220,18 +220,13 @@ def sofo_grad(
     _check_loss_fn("sofo_grad", loss_fn)
     _checks.check_loss_signature(loss_fn, 1, "sofo.transforms.sofo_grad", "its model fun")
     curvature = _checks.resolve_curvature(curvature, loss, "sofo_grad", deprecated=False)
-    _checks.check_config(tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
-    _checks.check_chunk_size(tangent_chunk_size)
-    fixed_key = None if key is None else _checks.as_key(key)
-    engine_options = dict(
-        tangent_size=tangent_size,
-        damping=damping,
-        curvature=curvature,
-        sampler=sampler,
-        tangent_chunk_size=tangent_chunk_size,
+    options = _options.make_options(
+        "sofo_grad", tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler,
+        tangent_chunk_size=tangent_chunk_size, memory_size=memory_size, adaptive_damping=adaptive_damping,
+        learning_rate=step_size, learning_rate_name="step_size",
     )
-
-    adaptive = AdaptiveState("sofo_grad", adaptive_damping, step_size, memory_size, damping, tangent_size)
+    fixed_key = None if key is None else _checks.as_key(key)
+    adaptive = AdaptiveState("sofo_grad", options, step_size)
     cache: dict = {}
 
     def step(key, values, unread, args, kwargs, adaptive_inputs):
@@ -240,7 +235,7 @@ def sofo_grad(
         def model(p):
             return spec.call(p, args, kwargs, Record())[0]
 
-        engine = _engine.value_and_sofo_grad(model, loss_fn, **engine_options)
+        engine = _engine.build(model, loss_fn, options, front="sofo.transforms.sofo_grad")
         new_adaptive = None
         if adaptive_inputs is None:
             _, direction, _ = engine(key, params)
@@ -337,10 +332,11 @@ def sofo_grad_scan(
       cell: `cell(*cell_args, z, x) -> (z_new, y)`, or `((z_new, y), aux)` with has_aux; it may read its
         parameters from States but must not write States (carry such values in `z`).
       loss_fn: `loss_fn(y_t, ys_t) -> scalar`; the total loss is its sum over time.
-      grad_states, argnums, has_aux, return_value, check_states, key, adaptive_damping, step_size,
-        memory_size, grad_vars, dyn_vars, reduce_axes: as in `sofo_grad` (with adaptive damping the extra
-        evaluation is one rollout of the cell without tangents). With has_aux the per-step aux is returned stacked over time, as `lax.scan`
-        stacks it (the cell is scanned once more, primal only, to produce it).
+      grad_states, argnums, has_aux, return_value, check_states, key: as in `sofo_grad`. With has_aux
+        the per-step aux is returned stacked over time, as `lax.scan` stacks it (the cell is scanned once
+        more, primal only, to produce it).
+      adaptive_damping, step_size, memory_size, grad_vars, dyn_vars, reduce_axes: as in `sofo_grad` (with
+        adaptive damping the extra evaluation is one rollout of the cell without tangents).
       loss, curvature, tangent_size, damping, sampler, tangent_chunk_size: as in `sofo_grad` and
         `sofo.value_and_sofo_grad_scan`.
 
@@ -371,18 +367,13 @@ def sofo_grad_scan(
     _check_loss_fn(transform, loss_fn)
     _checks.check_loss_signature(loss_fn, 2, "sofo.transforms.sofo_grad_scan", "its cell")
     curvature = _checks.resolve_curvature(curvature, loss, transform, deprecated=False)
-    _checks.check_config(tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler)
-    _checks.check_chunk_size(tangent_chunk_size)
-    fixed_key = None if key is None else _checks.as_key(key)
-    engine_options = dict(
-        tangent_size=tangent_size,
-        damping=damping,
-        curvature=curvature,
-        sampler=sampler,
-        tangent_chunk_size=tangent_chunk_size,
+    options = _options.make_options(
+        transform, tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler,
+        tangent_chunk_size=tangent_chunk_size, memory_size=memory_size, adaptive_damping=adaptive_damping,
+        learning_rate=step_size, learning_rate_name="step_size",
     )
-
-    adaptive = AdaptiveState(transform, adaptive_damping, step_size, memory_size, damping, tangent_size)
+    fixed_key = None if key is None else _checks.as_key(key)
+    adaptive = AdaptiveState(transform, options, step_size)
     cache: dict = {}
 
     def step(key, values, unread, cell_args, z0, xs, ys, kwargs, adaptive_inputs):
@@ -391,7 +382,7 @@ def sofo_grad_scan(
         def engine_cell(p, z, x):
             return spec.call(p, cell_args + (z, x), kwargs, Record())[0]
 
-        engine = _engine.value_and_sofo_grad_scan(engine_cell, loss_fn, **engine_options)
+        engine = _scan.build(engine_cell, loss_fn, options, front="sofo.transforms.sofo_grad_scan")
         new_adaptive = None
         if adaptive_inputs is None:
             _, direction, _ = engine(key, params, z0, xs, ys)
