@@ -182,7 +182,7 @@ def main(argv=None):
                 options = dict(VARIANTS[variant])
                 orthogonal = options.pop("_orthogonal_memory", False)
                 if options.pop("_adaptive_k", False):
-                    make = lambda k, curvature=curvature, seed=seed: sofo.sofo(  # noqa: E731
+                    make = lambda k, curvature=curvature, seed=seed, options=options: sofo.sofo(  # noqa: E731
                         tangent_size=k, curvature=curvature, key=seed, **options
                     )
                     c, ks = _adaptive_k_curve(p, f, l, make, args.tangent_size, args.iterations)
