@@ -246,6 +246,8 @@ VARIANTS: dict[str, Any] = {
     "default": True,
     "same_batch": sofo.AdaptiveDamping(next_batch=False),  # the rule before issue 15: same-batch ratio only
     "floor_0.1": sofo.AdaptiveDamping(min_damping=0.1, next_batch=False),  # a constant higher floor
+    # the held-out verdict as a ratio of running averages over ~100 steps (opt-in, issue 15 part A)
+    "average_0.99": sofo.AdaptiveDamping(held_out_average=0.99),
 }
 
 
@@ -316,6 +318,42 @@ def run_task(name, seeds, quick=True, iterations=None, variants=("default", "sam
     return problem, results
 
 
+def trace(name, seed=0, variant="default", iterations=None, every=10, log=print):
+    """Prints sofo.sofo's per-step damping diagnostics on one seed (`--trace`): the batch loss, the
+    damping, the same-batch ratio rho, the held-out ratio of the previous step (D / q) and its held-out
+    reduction D = L_next(theta_prev) - L_next(theta), the step's curvature term q, and acceptance."""
+    p = TASKS[name](seed=seed, iterations=iterations)
+    opt = sofo.sofo(tangent_size=p.tangent_size, curvature=p.curvature, key=seed, adaptive_damping=VARIANTS[variant])
+
+    @jax.jit
+    def go(params, opt_state, batches):
+        def body(carry, batch):
+            params, opt_state = carry
+            updates, opt_state = p.sofo_update(opt, opt_state, params, batch)
+            s = opt_state[0]
+            q = s.previous.curvature_term if s.previous is not None else jnp.zeros([])
+            return (optax.apply_updates(params, updates), opt_state), (s.value, s.damping, s.ratio, s.held_out_ratio, q, s.accepted)
+
+        return jax.lax.scan(body, (params, opt_state), batches)
+
+    (params, _), out = go(p.params, opt.init(p.params), p.batches)
+    value, damping, ratio, held, q, accepted = (np.asarray(o) for o in out)
+    judged_q = np.concatenate([[0.0], q[:-1]])  # the curvature term of the step judged at t (step t - 1)
+    reduction = held * judged_q
+    log(f"{name} seed {seed} ({variant}): " + ", ".join(f"{k} {float(v):.4g}" for k, v in p.evaluate(params).items()))
+    for t in range(0, len(value), every):
+        log(f"  step {t:4d}  loss {value[t]:9.4g}  damping {damping[t]:8.2e}  rho {ratio[t]:6.2f}  held-out rho "
+            f"{held[t]:7.2f}  D {reduction[t]:8.3g}  q {q[t]:8.3g}  accepted {bool(accepted[t])}")
+    for lo in range(0, len(value), 50):
+        m = judged_q[lo : lo + 50] > 0
+        if m.any():
+            d, qq = reduction[lo : lo + 50][m], judged_q[lo : lo + 50][m]
+            log(f"  steps {lo}-{lo + 49}: damping median {np.median(damping[lo : lo + 50]):.2g}; held-out rho median "
+                f"{np.median(d / qq):.2f}, below 1/4 {np.mean(d / qq < 0.25):.0%}; D mean {d.mean():.3g} sd {d.std():.3g}; "
+                f"q median {np.median(qq):.3g}; rejected {int((~accepted[lo : lo + 50]).sum())}")
+    return value, damping, ratio, held, q, accepted
+
+
 def _spread(values, digits=3):
     values = sorted(values)
     return f"{statistics.median(values):.{digits}g} [{values[0]:.{digits}g}, {values[-1]:.{digits}g}]"
@@ -354,12 +392,18 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--variants", default="default,same_batch", help=f"subset of {','.join(VARIANTS)}")
+    parser.add_argument("--trace", action="store_true", help="print per-step damping diagnostics for --seed instead")
     args = parser.parse_args(argv)
     names = [t for t in args.tasks.split(",") if t]
     variants = [v for v in args.variants.split(",") if v]
     bad = [t for t in names if t not in TASKS] + [v for v in variants if v not in VARIANTS]
     if bad:
         parser.error(f"unknown task(s) or variant(s): {', '.join(bad)}")
+    if args.trace:
+        for name in names:
+            for variant in variants:
+                trace(name, args.seed, variant, iterations=args.iterations)
+        return 0
     run(names, list(range(args.seed, args.seed + args.seeds)), iterations=args.iterations, variants=variants)
     return 0
 

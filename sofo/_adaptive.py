@@ -52,6 +52,15 @@ class AdaptiveDamping(NamedTuple):
     full-batch training the next batch is the same batch; q <= the predicted reduction makes rho~ >= rho
     for any accepted step, so the verdict, and the schedule, are unchanged (up to round-off).
 
+    With `held_out_average` = beta in (0, 1) (opt-in; 0, the default, is the per-step rule above) the
+    held-out verdict is the ratio of running averages rho_bar = EMA_beta(L_next(theta_prev) - L_next(theta))
+    / EMA_beta(q), with both thresholds lowered by `lower_ratio`: poor when rho_bar < 0 (the recent steps
+    did not, on average, lower the loss on data they were not fitted to), good when rho_bar >
+    `upper_ratio` - `lower_ratio`. Each held-out difference is an unbiased sample of the expected loss
+    decrease of its step (the next batch is independent of both parameters), so the average tests the
+    mean progress, where a single ratio is noise: its noise grows like 1 / |step| as the damping grows.
+    Measured: better with fresh trials, worse on minibatch digits (BENCHMARKS.md, issue 15).
+
     Attributes:
       min_damping: the smallest damping (relative to the top curvature eigenvalue).
       max_damping: the largest damping. Near it the step is a scaled gradient step.
@@ -60,6 +69,8 @@ class AdaptiveDamping(NamedTuple):
       lower_ratio: rho below this counts as poor.
       upper_ratio: rho above this counts as very good.
       next_batch: re-judge each step with its held-out ratio on the next call's batch (see above).
+      held_out_average: 0 (default) for the per-step held-out ratio, or beta in (0, 1) for the running
+        average verdict above (with `next_batch` only).
     """
 
     min_damping: float = 1e-8
@@ -69,6 +80,7 @@ class AdaptiveDamping(NamedTuple):
     lower_ratio: float = 0.25
     upper_ratio: float = 0.75
     next_batch: bool = True
+    held_out_average: float = 0.0
 
 
 def check_adaptive(adaptive: Any) -> AdaptiveDamping | None:
@@ -85,7 +97,9 @@ def check_adaptive(adaptive: Any) -> AdaptiveDamping | None:
         )
     if not isinstance(adaptive.next_batch, (bool, np.bool_)):
         raise ValueError(f"AdaptiveDamping.next_batch must be True or False; got {adaptive.next_batch!r}.")
-    for name in AdaptiveDamping._fields[:-1]:
+    for name in AdaptiveDamping._fields:
+        if name == "next_batch":
+            continue
         value = getattr(adaptive, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             raise ValueError(f"AdaptiveDamping.{name} must be a finite float; got {value!r}.")
@@ -103,6 +117,16 @@ def check_adaptive(adaptive: Any) -> AdaptiveDamping | None:
         raise ValueError(
             f"AdaptiveDamping needs 0 <= lower_ratio <= upper_ratio; got lower_ratio={adaptive.lower_ratio!r}, "
             f"upper_ratio={adaptive.upper_ratio!r}."
+        )
+    if not 0 <= adaptive.held_out_average < 1:
+        raise ValueError(
+            f"AdaptiveDamping.held_out_average must lie in [0, 1) (0 for the per-step held-out ratio, e.g. 0.99 "
+            f"for a running average over about 100 steps); got {adaptive.held_out_average!r}."
+        )
+    if adaptive.held_out_average and not adaptive.next_batch:
+        raise ValueError(
+            f"AdaptiveDamping.held_out_average={adaptive.held_out_average!r} averages the next-batch verdicts, "
+            f"so it needs next_batch=True; pass next_batch=True or held_out_average=0."
         )
     return adaptive
 
@@ -191,12 +215,17 @@ class PreviousStep(NamedTuple):
         was rejected or not finite, and before any step: nothing to re-judge).
       damping: the damping before the step's own update (with its predecessor's update already redone
         from the held-out verdict); the step itself used the provisional value.
+      held_out_mean, curvature_mean: the running averages (`AdaptiveDamping.held_out_average`) of the
+        held-out reductions and of the curvature terms of the steps judged so far (0 before any, and
+        unused with the per-step rule).
     """
 
     step: Any
     ratio: jax.Array
     curvature_term: jax.Array
     damping: jax.Array
+    held_out_mean: Any = 0.0
+    curvature_mean: Any = 0.0
 
 
 def init_previous(params: Any, config: AdaptiveDamping | None, damping: Any, dtype: Any) -> PreviousStep | None:
@@ -205,7 +234,7 @@ def init_previous(params: Any, config: AdaptiveDamping | None, damping: Any, dty
         return None
     step = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
     zero = jnp.zeros([], dtype)
-    return PreviousStep(step, zero, zero, jnp.asarray(damping, dtype))
+    return PreviousStep(step, zero, zero, jnp.asarray(damping, dtype), zero, zero)
 
 
 def next_damping_fn(damping: jax.Array, ratio: jax.Array, accepted: jax.Array, config: AdaptiveDamping) -> jax.Array:
@@ -306,7 +335,24 @@ def adaptive_step(
             held_out_ratio = jnp.where(
                 judged, reduction_ratio(earlier_value, value, previous.curvature_term), 0.0
             ).astype(dtype)
-            verdict = jnp.minimum(jnp.asarray(previous.ratio, dtype), held_out_ratio)
+            held_out_mean = jnp.asarray(previous.held_out_mean, dtype)
+            curvature_mean = jnp.asarray(previous.curvature_mean, dtype)
+            if config.held_out_average:
+                # The ratio of running averages: the mean held-out decrease of the recent steps (each an
+                # unbiased sample of its step's expected decrease) over their mean curvature term, against
+                # the thresholds lowered by lower_ratio (poor: no mean decrease on unseen data).
+                beta = config.held_out_average
+                held_out_mean = jnp.where(
+                    judged, beta * held_out_mean + (1 - beta) * (earlier_value - value), held_out_mean
+                ).astype(dtype)
+                curvature_mean = jnp.where(
+                    judged, beta * curvature_mean + (1 - beta) * previous.curvature_term, curvature_mean
+                ).astype(dtype)
+                averaged = reduction_ratio(held_out_mean, 0.0, curvature_mean) + config.lower_ratio
+                held_out_verdict = jnp.where(judged, averaged, 0.0).astype(dtype)
+            else:
+                held_out_verdict = held_out_ratio
+            verdict = jnp.minimum(jnp.asarray(previous.ratio, dtype), held_out_verdict)
             rejudged = jnp.clip(next_damping_fn(jnp.asarray(previous.damping, dtype), verdict, True, config), low, high)
             next_damping = jnp.where(judged, rejudged, next_damping).astype(dtype)
         # A NaN step size must not reach the candidate (or the ratio): evaluate at a harmless 0 instead.
@@ -332,6 +378,8 @@ def adaptive_step(
             ratio=ratio,
             curvature_term=jnp.where(accepted, curvature_term, 0.0).astype(dtype),
             damping=base_damping.astype(dtype),
+            held_out_mean=held_out_mean,
+            curvature_mean=curvature_mean,
         )
     if memory is not None:
         # Without adaptive damping every step is applied, but a non-finite one must not poison the memory.

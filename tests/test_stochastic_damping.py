@@ -196,3 +196,70 @@ def test_cli_runs_a_minibatch_task(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Adam (tuned" in out and "sofo.sofo (default)" in out and "sofo.sofo (same_batch)" in out
     assert (tmp_path / "stochastic.md").read_text().startswith("### Regression")
+
+
+def _loss(p, batch):
+    x, t = batch
+    return _mse(_model(p, x), t)
+
+
+def _ratio_and_curvature_term(params, step, batch, unravel):
+    """rho on the step's own batch and its curvature term q, from the dense Gauss-Newton matrix by hand."""
+    flat, s = _flat(params), _flat(step)
+    q = 0.5 * s @ _gn(params, batch, unravel) @ s
+    predicted = s @ jax.grad(lambda v: _loss(unravel(v), batch))(flat) - q
+    after = jax.tree_util.tree_map(lambda p, h: p - h, params, step)
+    return float((_loss(params, batch) - _loss(after, batch)) / predicted), float(q), after
+
+
+def test_held_out_average_matches_a_hand_computation():
+    """AdaptiveDamping(held_out_average=beta): the verdict from running averages recomputed by hand."""
+    beta = 0.5
+    config = sofo.AdaptiveDamping(held_out_average=beta)
+    params = _params()
+    n = _flat(params).size
+    opt = sofo.transform(
+        tangent_size=n, sampler="orthonormal", curvature="mse", damping=1.0, adaptive_damping=config, key=3
+    )
+    state = opt.init(params)
+    unravel = jax.flatten_util.ravel_pytree(params)[1]
+    batches = [_batch(i) for i in range(4)]
+    base = damping = 1.0  # the damping before each step's own update, and after it
+    mean_reduction = mean_q = 0.0
+    previous = None  # (params before, params after, rho, q) of the last step
+    per_step_factors, averaged_factors = [], []
+    for batch in batches:
+        h, state = _update(opt, state, params, batch)
+        assert bool(state.accepted)
+        if previous is not None:
+            before, after, rho_prev, q_prev = previous
+            reduction = float(_loss(before, batch) - _loss(after, batch))
+            np.testing.assert_allclose(state.held_out_ratio, reduction / q_prev, rtol=1e-8)  # still per step
+            mean_reduction = beta * mean_reduction + (1 - beta) * reduction
+            mean_q = beta * mean_q + (1 - beta) * q_prev
+            averaged = mean_reduction / mean_q + config.lower_ratio
+            base = base * _factor(min(rho_prev, averaged), config)
+            averaged_factors.append(_factor(min(rho_prev, averaged), config))
+            per_step_factors.append(_factor(min(rho_prev, reduction / q_prev), config))
+        rho, q, after = _ratio_and_curvature_term(params, h, batch, unravel)
+        np.testing.assert_allclose(state.ratio, rho, rtol=1e-8)
+        damping = base * _factor(rho, config)
+        np.testing.assert_allclose(state.damping, damping, rtol=1e-10)
+        np.testing.assert_allclose(state.previous.held_out_mean, mean_reduction, rtol=1e-8, atol=1e-14)
+        previous, params = (params, after, rho, q), after
+    # The averaged verdict decided differently from the per-step one at least once (the test can fail).
+    assert averaged_factors != per_step_factors
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (sofo.AdaptiveDamping(held_out_average=1.0), "must lie in"),
+        (sofo.AdaptiveDamping(held_out_average=-0.1), "must lie in"),
+        (sofo.AdaptiveDamping(held_out_average=0.9, next_batch=False), "needs next_batch=True"),
+        (sofo.AdaptiveDamping(held_out_average=float("nan")), "finite float"),
+    ],
+)
+def test_held_out_average_is_validated(config, match):
+    with pytest.raises(ValueError, match=match):
+        sofo.sofo(adaptive_damping=config)
