@@ -431,7 +431,7 @@ def test_sofo_grad_adaptive_matches_dense_and_updates_damping_by_hand():
     n = params["w"].size
     grad_fn = sofo.sofo_grad(
         model, loss_fn, grad_states=w, tangent_size=n, damping=1e-3, sampler="orthonormal", key=2,
-        adaptive_damping=True, step_size=0.5,
+        adaptive_damping=True, learning_rate=0.5,
     )
     direction = grad_fn()
     grad, ggn, unravel = dense_quantities(fun, loss_fn, params)
@@ -452,7 +452,7 @@ def test_sofo_grad_adaptive_rejects_a_step_that_raises_the_loss():
     w = sofo.State(params["w"])
     grad_fn = sofo.sofo_grad(
         lambda: fun({"w": w.value}), loss_fn, grad_states=w, tangent_size=4, sampler="orthonormal", key=1,
-        damping=1e-3, adaptive_damping=True, step_size=25.0,
+        damping=1e-3, adaptive_damping=True, learning_rate=25.0,
     )
     direction = grad_fn()
     assert not grad_fn.adaptive.accepted
@@ -468,8 +468,8 @@ def test_sofo_grad_adaptive_refuses_jit_and_bad_options():
         jax.jit(grad_fn)(params["w"])
     with pytest.raises(ValueError, match="memory_size must be an int"):
         sofo.sofo_grad(lambda p: p, loss_fn, argnums=0, tangent_size=3, memory_size=5)
-    with pytest.raises(ValueError, match="step_size must be a positive float"):
-        sofo.sofo_grad(lambda p: p, loss_fn, argnums=0, tangent_size=3, adaptive_damping=True, step_size=-1.0)
+    with pytest.raises(ValueError, match="learning_rate must be a positive float"):
+        sofo.sofo_grad(lambda p: p, loss_fn, argnums=0, tangent_size=3, adaptive_damping=True, learning_rate=-1.0)
 
 
 def test_sofo_grad_scan_adaptive_with_memory_trains_a_cell_eagerly():

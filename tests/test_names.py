@@ -154,3 +154,42 @@ def test_predicted_reduction_step_size_is_deprecated():
     np.testing.assert_allclose(sofo.predicted_reduction(info), c @ g - 0.5 * c @ curvature @ c, rtol=1e-12)
     with pytest.raises(TypeError, match="got both learning_rate=0.3 and step_size=0.3"):
         sofo.predicted_reduction(info, 0.3, step_size=0.3)
+
+
+@pytest.mark.parametrize("front", ["sofo_grad", "sofo_grad_scan"])
+def test_brainstate_style_step_size_is_the_deprecated_learning_rate(front):
+    # sofo_grad / sofo_grad_scan with adaptive damping: step_size= gives the same directions, damping and
+    # verdicts as learning_rate=, warns once per construction, and refuses being mixed with it.
+    fun, loss_fn, params = problem()
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((6, 4, 3)))
+    y = jnp.asarray(np.random.default_rng(2).standard_normal((6, 4, 2)))
+
+    def build(**lr):
+        if front == "sofo_grad":
+            g = sofo.sofo_grad(fun, loss_fn, argnums=0, tangent_size=3, key=2, adaptive_damping=True, **lr)
+            return g, lambda p: g(p)
+        cell = lambda w, z, xt: (jnp.tanh(xt @ w["w"] + z @ w["w"][:2] + w["b"]),) * 2  # noqa: E731
+        g = sofo.transforms.sofo_grad_scan(
+            cell, lambda o, t: 0.5 * jnp.mean((o - t) ** 2), argnums=0, tangent_size=3, key=2,
+            adaptive_damping=True, **lr,
+        )
+        return g, lambda p: g(p, jnp.zeros((4, 2)), x, y)
+
+    def trajectory(g, call):
+        p, seen = params, []
+        for _ in range(3):
+            d = call(p)
+            seen.append((d, g.adaptive.damping, g.adaptive.accepted))
+            p = jax.tree_util.tree_map(lambda a, b: a - 0.7 * b, p, d)
+        return seen
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        new = trajectory(*build(learning_rate=0.7))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        old_g, old_call = build(step_size=0.7)
+    assert len(deprecations(record)) == 1 and "learning_rate=0.7" in str(deprecations(record)[0].message)
+    assert_bit_identical(new, trajectory(old_g, old_call))
+    with pytest.raises(TypeError, match="got both learning_rate"):
+        build(learning_rate=0.7, step_size=0.7)

@@ -43,11 +43,11 @@ FRONTS = {
     "sofo.scale_by_sofo": (lambda **kw: sofo.scale_by_sofo(**kw), "optimizer", "curvature", "learning_rate"),
     "sofo.sofo": (lambda **kw: sofo.sofo(**kw), "optimizer", "curvature", "learning_rate"),
     "sofo_grad": (
-        lambda **kw: sofo.sofo_grad(_fun, _loss, argnums=0, **kw), "optimizer", "curvature", "step_size",
+        lambda **kw: sofo.sofo_grad(_fun, _loss, argnums=0, **kw), "optimizer", "curvature", "learning_rate",
     ),
     "sofo_grad_scan": (
         lambda **kw: sofo.transforms.sofo_grad_scan(_cell, _step_loss, argnums=0, **kw),
-        "optimizer", "curvature", "step_size",
+        "optimizer", "curvature", "learning_rate",
     ),
     "sofo.optim.SOFO": (lambda **kw: sofo.optim.SOFO(_fun, _step_loss, **kw), "optimizer", "loss", "lr"),
     "sofo.optim.SOFOScan": (lambda **kw: sofo.optim.SOFOScan(_cell, _step_loss, **kw), "optimizer", "loss", "lr"),
@@ -70,7 +70,7 @@ OPTIMIZER_ONLY = {"memory_size", "adaptive_damping", "learning_rate"}
 
 
 def cases():
-    for front, (_, kind, curvature_name, lr_name) in FRONTS.items():
+    for front, (_, kind, _curvature_name, lr_name) in FRONTS.items():
         for option in BAD:
             if option in ENGINE_ONLY and kind != "engine" or option in OPTIMIZER_ONLY and kind == "engine":
                 continue

@@ -85,15 +85,17 @@ class AdaptiveState:
       previous: the last step, kept to re-judge it on the next call's data, or None.
     """
 
-    def __init__(self, transform, options, step_size):
-        """`options` come validated from `sofo._options.make_options` (step_size included)."""
-        if callable(step_size):
-            raise ValueError(f"{transform}: step_size must be a positive float here (no step count is kept).")
+    def __init__(self, transform, options, learning_rate):
+        """`options` come validated from `sofo._options.make_options` (learning_rate included)."""
+        if callable(learning_rate):
+            raise ValueError(
+                f"{transform}: learning_rate must be a positive float here (no step count is kept)."
+            )
         self.config = options.adaptive
         self.memory_size = options.memory_size
         self.transform = transform
         self.tangent_size = options.tangent_size
-        self.step_size = float(step_size)
+        self.step_size = float(learning_rate)
         self.damping = options.damping
         self.ratio = None
         self.accepted = None
@@ -165,7 +167,8 @@ def sofo_grad(
     *,
     curvature: str | None = None,
     adaptive_damping: Any = False,
-    step_size: float = 1.0,
+    learning_rate: float = _checks.DEFAULT_LEARNING_RATE,
+    step_size: float | None = None,
     memory_size: int = 0,
     grad_vars: Any = MISSING,
     dyn_vars: Any = MISSING,
@@ -189,13 +192,14 @@ def sofo_grad(
         (build the transform per step with a fresh key, e.g. inside a jitted step). With None, each call
         draws the next key of sofo's own sequence (seed it with `sofo.transforms.seed(n)`); a call that
         raises gives its key back. That needs concrete execution, so under jax.jit pass key=.
-      adaptive_damping, step_size, memory_size: Levenberg-Marquardt damping and subspace memory as in
-        `sofo.scale_by_sofo` (`damping` is then the initial value, and `step_size` must be the learning rate
-        you apply: `value - step_size * direction`). Each call also evaluates the loss at
-        `params - step_size * direction`; a step that would raise the loss (or is not finite) is rejected
+      adaptive_damping, learning_rate, memory_size: Levenberg-Marquardt damping and subspace memory as in
+        `sofo.scale_by_sofo` (`damping` is then the initial value, and `learning_rate` must be the one you
+        apply: `value - learning_rate * direction`). Each call also evaluates the loss at
+        `params - learning_rate * direction`; a step that would raise the loss (or is not finite) is rejected
         and a zero direction returned. The damping and memory live on the returned function, as
         `fn.adaptive` (an `AdaptiveState`: `damping`, `ratio`, `accepted`), between eager calls; under
         jax.jit use `sofo.sofo`, whose state is explicit.
+      step_size: the old name of `learning_rate` (deprecated: a DeprecationWarning; not both).
 
     Returns:
       A function with `fun`'s arguments returning the direction in the layout of `grad`'s return table
@@ -220,13 +224,14 @@ def sofo_grad(
     _check_loss_fn("sofo_grad", loss_fn)
     _checks.check_loss_signature(loss_fn, 1, "sofo.transforms.sofo_grad", "its model fun")
     curvature = _checks.resolve_curvature(curvature, loss, "sofo_grad", deprecated=False)
+    learning_rate = _checks.resolve_learning_rate(learning_rate, step_size, "sofo_grad")
     options = _options.make_options(
         "sofo_grad", tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler,
         tangent_chunk_size=tangent_chunk_size, memory_size=memory_size, adaptive_damping=adaptive_damping,
-        learning_rate=step_size, learning_rate_name="step_size",
+        learning_rate=learning_rate,
     )
     fixed_key = None if key is None else _checks.as_key(key)
-    adaptive = AdaptiveState("sofo_grad", options, step_size)
+    adaptive = AdaptiveState("sofo_grad", options, learning_rate)
     cache: dict = {}
 
     def step(key, values, unread, args, kwargs, adaptive_inputs):
@@ -314,7 +319,8 @@ def sofo_grad_scan(
     *,
     curvature: str | None = None,
     adaptive_damping: Any = False,
-    step_size: float = 1.0,
+    learning_rate: float = _checks.DEFAULT_LEARNING_RATE,
+    step_size: float | None = None,
     memory_size: int = 0,
     grad_vars: Any = MISSING,
     dyn_vars: Any = MISSING,
@@ -335,7 +341,7 @@ def sofo_grad_scan(
       grad_states, argnums, has_aux, return_value, check_states, key: as in `sofo_grad`. With has_aux
         the per-step aux is returned stacked over time, as `lax.scan` stacks it (the cell is scanned once
         more, primal only, to produce it).
-      adaptive_damping, step_size, memory_size, grad_vars, dyn_vars, reduce_axes: as in `sofo_grad` (with
+      adaptive_damping, learning_rate, memory_size, grad_vars, dyn_vars, reduce_axes: as in `sofo_grad` (with
         adaptive damping the extra evaluation is one rollout of the cell without tangents).
       loss, curvature, tangent_size, damping, sampler, tangent_chunk_size: as in `sofo_grad` and
         `sofo.value_and_sofo_grad_scan`.
@@ -367,13 +373,14 @@ def sofo_grad_scan(
     _check_loss_fn(transform, loss_fn)
     _checks.check_loss_signature(loss_fn, 2, "sofo.transforms.sofo_grad_scan", "its cell")
     curvature = _checks.resolve_curvature(curvature, loss, transform, deprecated=False)
+    learning_rate = _checks.resolve_learning_rate(learning_rate, step_size, transform)
     options = _options.make_options(
         transform, tangent_size=tangent_size, damping=damping, curvature=curvature, sampler=sampler,
         tangent_chunk_size=tangent_chunk_size, memory_size=memory_size, adaptive_damping=adaptive_damping,
-        learning_rate=step_size, learning_rate_name="step_size",
+        learning_rate=learning_rate,
     )
     fixed_key = None if key is None else _checks.as_key(key)
-    adaptive = AdaptiveState(transform, options, step_size)
+    adaptive = AdaptiveState(transform, options, learning_rate)
     cache: dict = {}
 
     def step(key, values, unread, cell_args, z0, xs, ys, kwargs, adaptive_inputs):
