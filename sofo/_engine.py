@@ -117,7 +117,10 @@ def _push(fn, primals, tangents, tangent_chunk_size, tangent_sharding):
 
 
 def _chunk_output_tangents(fun, params, tangents):
-    """Step 2 for one chunk of `Streamed` tangents: the chunk's output tangents (the chunk's tangents on the leading axis), structured or dense."""
+    """Step 2 for one chunk of `Streamed` tangents: the chunk's output tangents (on the leading axis).
+
+    The chunk's tangents may be structured or dense.
+    """
     if _structured.is_structured(tangents):
         return _structured.jvp(fun, (params,), (tangents,))[1]
     return jax.vmap(lambda v: jax.jvp(fun, (params,), (v,))[1])(tangents)

@@ -30,7 +30,12 @@ def push_memory(memory: Any, direction: Any) -> Any:
     """The memory with `direction` (normalised to unit global norm) first and the oldest entry dropped."""
     if memory is None:
         return None
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32)))) for leaf in jax.tree_util.tree_leaves(direction)))
+    norm = jnp.sqrt(
+        sum(
+            jnp.sum(jnp.square(leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))))
+            for leaf in jax.tree_util.tree_leaves(direction)
+        )
+    )
     scale = jnp.where(norm > 0, 1 / jnp.where(norm > 0, norm, 1), 0)
 
     def leaf(stored, new):

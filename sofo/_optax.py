@@ -204,7 +204,9 @@ def transform(
     return build("sofo.transform", options, key=key, learning_rate=step_size)
 
 
-def build(front: str, options: _options.Options, *, key: Any, learning_rate: Any) -> optax.GradientTransformationExtraArgs:
+def build(
+    front: str, options: _options.Options, *, key: Any, learning_rate: Any
+) -> optax.GradientTransformationExtraArgs:
     """`scale_by_sofo` from validated `Options` (what `sofo.sofo` and `sofo.optim` call too); errors name `front`.
 
     `learning_rate` is checked by `make_options` where the user gives it (here it may be traced: sofo.optim

@@ -74,8 +74,8 @@ def sample(
 
     `basis` (optional; `memory` is its older name): a pytree like `params` with a leading axis of m <= K
     given directions to include (the optimizer passes its remembered update directions; what it keeps,
-    and when, is its own policy: `sofo._memory`). They take the place of tangents 0..m-1: with `normal`, tangent k < m is
-    memory k scaled to unit norm; with `orthonormal`, the K tangents are the orthonormalisation of
+    and when, is its own policy: `sofo._memory`). They take the place of tangents 0..m-1: with `normal`,
+    tangent k < m is memory k scaled to unit norm; with `orthonormal`, the K tangents are the orthonormalisation of
     [memory, Gaussian draws], so the memory directions lie in their span. A memory direction that is all
     zeros (e.g. before any step) is replaced by the random tangent it would have displaced. With a
     structured sampler the remembered directions are dense: with `indices=None` the result is a
@@ -125,7 +125,8 @@ def sample(
             # QR keeps the span of the leading columns: the memory directions lie in span(V).
             flat_memory = _flat_memory(memory, dtype)
             norms = jnp.linalg.norm(flat_memory, axis=1)
-            lead = jnp.where(norms[None, :] > 0, flat_memory.T / jnp.where(norms > 0, norms, 1)[None, :], raw[:, :count])
+            unit = flat_memory.T / jnp.where(norms > 0, norms, 1)[None, :]
+            lead = jnp.where(norms[None, :] > 0, unit, raw[:, :count])
             raw = raw.at[:, :count].set(lead)
         flat = jnp.linalg.qr(raw)[0].T
         blocks = [

@@ -484,7 +484,9 @@ class SOFOScan(_Optimizer):
     Args:
       model: the cell, `cell(z, x) -> (z_new, y)`, reading its parameters from States; the latent `z`
         is carried explicitly (any pytree of arrays). It must not write States (carry such values in z).
-      loss_fn: `loss_fn(predictions, targets) -> scalar`, see above.""" + _ARGS_DOC + """      time_loss: keyword-only, "mean" (default), "sum" or "stacked", see above.
+      loss_fn: `loss_fn(predictions, targets) -> scalar`, see above.""" + _ARGS_DOC + (
+    """      time_loss: keyword-only, "mean" (default), "sum" or "stacked", see above."""
+) + """
 
     Example:
       >>> opt = sofo.optim.SOFOScan(cell, loss_fn, tangent_size=32)
