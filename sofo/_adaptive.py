@@ -58,7 +58,7 @@ class AdaptiveDamping(NamedTuple):
     did not, on average, lower the loss on data they were not fitted to), good when rho_bar >
     `upper_ratio` - `lower_ratio`. Each held-out difference is an unbiased sample of the expected loss
     decrease of its step (the next batch is independent of both parameters), so the average tests the
-    mean progress, where a single ratio is noise: its noise grows like 1 / |step| as the damping grows.
+    mean progress, where a single ratio is noise: its noise grows like one over the step length as the damping grows.
     Measured: better with fresh trials, worse on minibatch digits (BENCHMARKS.md, issue 15).
 
     Attributes:

@@ -218,7 +218,7 @@ def test_held_out_average_matches_a_hand_computation():
     config = sofo.AdaptiveDamping(held_out_average=beta)
     params = _params()
     n = _flat(params).size
-    opt = sofo.transform(
+    opt = sofo.scale_by_sofo(
         tangent_size=n, sampler="orthonormal", curvature="mse", damping=1.0, adaptive_damping=config, key=3
     )
     state = opt.init(params)
