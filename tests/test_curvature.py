@@ -223,6 +223,29 @@ def test_fast_paths_are_silent_on_their_own_losses(dtype):
                                    atol=1e-6 * float(jnp.abs(exact[2].curvature).max()))
 
 
+@pytest.mark.parametrize("margin", [12.0, 15.0, 20.0, 25.0])
+def test_ce_probe_on_a_confident_float32_classifier_is_not_a_mismatch(margin):
+    # Near one-hot softmax (the other probabilities below float32's eps): (diag(p) - p p^T) u cancels to
+    # nearly nothing, and the round-off of that cancellation alone used to read as a mismatch (0.18 at a
+    # margin of 20). The probe must stay far below the tolerance on the true cross-entropy, while the
+    # same logits under a half-masked cross-entropy (a real mismatch) are still caught.
+    from sofo import _curvature
+
+    rng = np.random.default_rng(0)
+    b, c, k = 256, 10, 32
+    labels = rng.integers(0, c, b)
+    logits = jnp.asarray(margin * np.eye(c)[labels] + rng.standard_normal((b, c)), jnp.float32)
+    tangents = jnp.asarray(rng.standard_normal((k, b, c)), jnp.float32)
+    loss_fn = lambda y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(y, labels))  # noqa: E731
+    mismatch = float(_curvature.fast_path_mismatch("ce", loss_fn, logits, tangents, jnp.float32))
+    assert mismatch < 0.05 * _curvature.MISMATCH_TOLERANCE
+    # a real mismatch on unconfident rows: half the batch masked out, at a margin where p is not one-hot
+    soft = jnp.asarray(rng.standard_normal((b, c)), jnp.float32)
+    mask = jnp.arange(b) < b // 2
+    masked = lambda y: jnp.sum(mask * optax.softmax_cross_entropy_with_integer_labels(y, labels)) / b  # noqa: E731
+    assert float(_curvature.fast_path_mismatch("ce", masked, soft, tangents, jnp.float32)) > 0.1
+
+
 @pytest.mark.parametrize(
     "curvature, make_loss",
     [
