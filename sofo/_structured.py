@@ -19,6 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+# jax.extend.core.DropVar in current jax; jax.core.DropVar at the declared floor (jax 0.4.31)
+_DROP_VAR = getattr(jex.core, "DropVar", None) or jax.core.DropVar
+
 
 class LowRank(NamedTuple):
     """K tangents of one 2-D parameter, tangent k = a[k] @ b[k].T; a: (K, m, r), b: (K, n, r)."""
@@ -197,7 +200,7 @@ def _eval(jaxpr, consts, primals, tangents):
         return env[v]
 
     def write(v, primal, tangent):
-        if not isinstance(v, jex.core.DropVar):
+        if not isinstance(v, _DROP_VAR):
             env[v] = (primal, tangent)
 
     for v, c in zip(jaxpr.constvars, consts):

@@ -16,7 +16,11 @@ import sofo
 
 @pytest.fixture(autouse=True)
 def x64():
-    with jax.enable_x64(True):
+    # jax.enable_x64 is the public name in current jax; the declared floor (0.4.31) has it in experimental
+    enable_x64 = getattr(jax, "enable_x64", None)
+    if enable_x64 is None:
+        from jax.experimental import enable_x64
+    with enable_x64(True):
         yield
 
 

@@ -214,6 +214,14 @@ def _ratio_and_curvature_term(params, step, batch, unravel):
 
 def test_held_out_average_matches_a_hand_computation():
     """AdaptiveDamping(held_out_average=beta): the verdict from running averages recomputed by hand."""
+    # Several batch streams: every one is checked against the hand computation, and on at least one the
+    # averaged verdict must decide differently from the per-step one (so the test can fail). Which stream
+    # shows the difference depends on the random data, which differs between jax versions.
+    differed = [_held_out_average_by_hand(first) for first in (0, 4, 8, 12)]
+    assert any(differed)
+
+
+def _held_out_average_by_hand(first):
     beta = 0.5
     config = sofo.AdaptiveDamping(held_out_average=beta)
     params = _params()
@@ -223,7 +231,7 @@ def test_held_out_average_matches_a_hand_computation():
     )
     state = opt.init(params)
     unravel = jax.flatten_util.ravel_pytree(params)[1]
-    batches = [_batch(i) for i in range(4)]
+    batches = [_batch(first + i) for i in range(4)]
     base = damping = 1.0  # the damping before each step's own update, and after it
     mean_reduction = mean_q = 0.0
     previous = None  # (params before, params after, rho, q) of the last step
@@ -247,8 +255,8 @@ def test_held_out_average_matches_a_hand_computation():
         np.testing.assert_allclose(state.damping, damping, rtol=1e-10)
         np.testing.assert_allclose(state.previous.held_out_mean, mean_reduction, rtol=1e-8, atol=1e-14)
         previous, params = (params, after, rho, q), after
-    # The averaged verdict decided differently from the per-step one at least once (the test can fail).
-    assert averaged_factors != per_step_factors
+    # whether the averaged verdict decided differently from the per-step one at least once
+    return averaged_factors != per_step_factors
 
 
 @pytest.mark.parametrize(
