@@ -15,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 import sofo
 from sofo import _checks, _solve
 
-FAST = settings(max_examples=6, deadline=None)
+FAST = settings(max_examples=3, deadline=None)
 SLOW = settings(max_examples=40, deadline=None)
 
 

@@ -24,12 +24,18 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path, monkeypatch):
+def test_notebook_is_stored_without_outputs(path):
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
         f"{path.name} is stored with outputs; clear them (Jupyter: Edit > Clear Outputs of All Cells, or "
         f"`jupyter nbconvert --clear-output --inplace {path.name}`) before committing."
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    notebook = nbformat.read(path, as_version=4)
     # The kernel inherits the environment: the benchmark notebook's figures go to a temporary folder,
     # and the CPU backend is forced so the notebooks pick their small sizes whatever the machine.
     monkeypatch.setenv("SOFO_NOTEBOOK_OUT", str(tmp_path))

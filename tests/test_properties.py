@@ -14,7 +14,7 @@ from sofo import _solve
 SETTINGS = settings(max_examples=10, deadline=None)
 # Each example of the two model-level properties compiles a new step (new shapes): a few by default, many
 # more in the slow set (`pytest -m slow`, also run by CI).
-FAST = settings(max_examples=4, deadline=None)
+FAST = settings(max_examples=2, deadline=None)
 SLOW = settings(max_examples=25, deadline=None)
 LEAST_SQUARES = dict(
     seed=st.integers(0, 2**31 - 1), rows=st.integers(3, 12), cols=st.integers(1, 6),
