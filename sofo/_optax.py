@@ -268,7 +268,7 @@ def build(
         # damping is carried in the state.
         eta = step_size(state.count) if callable(step_size) else step_size
         result = _adaptive.adaptive_step(
-            lambda d, m: step(step_key, d, m), evaluate, params,
+            lambda d, m, e=None: step(step_key, d, m, e), evaluate, params,
             state.damping if adaptive is not None else damping, state.memory, eta, adaptive, state.value.dtype,
             state.previous,
         )
@@ -375,13 +375,17 @@ def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, options, front="sofo
                 f"{', '.join(stray)} only apply to a recurrent cell; pass cell= instead of fun=: {_SCAN_CALL}."
             )
         engine = _engine.build(fun, loss_fn, options, front=front)
-        step = lambda key, damping, memory: engine(key, params, damping=damping, memory=memory)  # noqa: E731
+        step = lambda key, damping, memory, extra=None: engine(  # noqa: E731
+            key, params, damping=damping, memory=memory, extra_dampings=extra
+        )
         return step, lambda candidate: loss_fn(fun(candidate))
     missing = [name for name, v in (("z0", z0), ("xs", xs)) if v is None]
     if missing:
         raise TypeError(f"with cell=, update also needs {' and '.join(m + '=' for m in missing)}: {_SCAN_CALL}.")
     engine = _scan.build(cell, loss_fn, options, front=front)
-    step = lambda key, damping, memory: engine(key, params, z0, xs, ys, damping=damping, memory=memory)  # noqa: E731
+    step = lambda key, damping, memory, extra=None: engine(  # noqa: E731
+        key, params, z0, xs, ys, damping=damping, memory=memory, extra_dampings=extra
+    )
     return step, lambda candidate: _adaptive.rollout_loss(cell, loss_fn, candidate, z0, xs, ys)
 
 
