@@ -45,9 +45,11 @@ class SofoState(NamedTuple):
       accepted: whether the last step was applied (always True without adaptive damping).
       memory: the last m update directions (unit norm, newest first), or None with `memory_size=0`.
       held_out_ratio: the previous step's reduction ratio on this call's batch, the one the damping
-        follows (`sofo.AdaptiveDamping.next_batch`); 0 when there was nothing to judge or it is off.
+        follows (`sofo.AdaptiveDamping.next_batch`); 0 when there was nothing to judge or it is off. With
+        `AdaptiveDamping(held_out_compare=w)`, the alternative damping's gain on this batch over the
+        previous step's curvature term (positive when it won).
       previous: the last step and what re-judging it needs (a `PreviousStep`: one parameter-sized
-        buffer), or None without adaptive damping or with `AdaptiveDamping(next_batch=False)`.
+        buffer, two with `held_out_compare`), or None without adaptive damping or with `AdaptiveDamping(next_batch=False)`.
     """
 
     key: jax.Array

@@ -6,6 +6,8 @@ Gauss-Newton matrix (`jax.jacfwd`, `jax.grad`), the damping against the comparis
 applied by hand to losses recomputed by hand.
 """
 
+import functools
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -66,9 +68,9 @@ def test_extra_dampings_give_the_dense_solves():
     params, batch = _params(), _batch(0)
     n = _flat(params).size
     x, t = batch
-    engine = sofo.value_and_sofo_grad(
+    engine = jax.jit(sofo.value_and_sofo_grad(
         lambda p: _model(p, x), lambda y: _mse(y, t), tangent_size=n, sampler="orthonormal"
-    )
+    ))
     extra = jnp.array([1e-3, 0.3, 3.0])
     value, direction, info = engine(0, params, damping=0.1, extra_dampings=extra)
     gauss_newton, gradient = _dense(params, batch)
@@ -94,7 +96,7 @@ def test_extra_dampings_in_the_recurrent_engine_and_streamed_tangents(chunk):
     x, t = _batch(0)
     xs, ys = jnp.stack([x, -x]), jnp.stack([t, 0.5 * t])
     cell = lambda p, z, u: (z, jnp.tanh(u @ p["a"]) @ p["b"])  # noqa: E731
-    scan = sofo.value_and_sofo_grad_scan(cell, _mse, tangent_size=n, sampler="orthonormal")
+    scan = jax.jit(sofo.value_and_sofo_grad_scan(cell, _mse, tangent_size=n, sampler="orthonormal"))
     _, direction, info = scan(1, params, jnp.zeros((BATCH, 1)), xs, ys, damping=0.2, extra_dampings=jnp.array([0.05]))
     _, at_extra, _ = scan(1, params, jnp.zeros((BATCH, 1)), xs, ys, damping=0.05)
     np.testing.assert_allclose(_flat(jax.tree_util.tree_map(lambda h: h[0], info.extra_directions)), _flat(at_extra),
@@ -105,10 +107,10 @@ def test_extra_dampings_in_the_recurrent_engine_and_streamed_tangents(chunk):
     np.testing.assert_allclose(_flat(at_extra), _damped_direction(gn0 + gn1, g0 + g1, 0.05), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(_flat(direction), _damped_direction(gn0 + gn1, g0 + g1, 0.2), rtol=1e-8, atol=1e-12)
     # Streamed (chunked) Gaussian tangents: the extra direction is again the direction at that damping.
-    ff = sofo.value_and_sofo_grad(
+    ff = jax.jit(sofo.value_and_sofo_grad(
         lambda p: _model(p, x), lambda y: _mse(y, t), tangent_size=5, tangent_chunk_size=chunk
-    )
-    _, _, info = ff(2, params, damping=0.2, extra_dampings=[0.05])
+    ))
+    _, _, info = ff(2, params, damping=0.2, extra_dampings=jnp.array([0.05]))
     _, at_extra, _ = ff(2, params, damping=0.05)
     np.testing.assert_allclose(_flat(jax.tree_util.tree_map(lambda h: h[0], info.extra_directions)), _flat(at_extra),
                                rtol=1e-10, atol=1e-13)
@@ -122,11 +124,14 @@ def test_extra_dampings_are_validated(bad):
         engine(0, _params(), extra_dampings=bad)
 
 
-def _update(opt, state, params, batch):
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_update(opt, state, params, batch):
     x, t = batch
-    return jax.jit(
-        lambda s, p: opt.update(None, s, p, fun=lambda q: _model(q, x), loss_fn=lambda y: _mse(y, t))
-    )(state, params)
+    return opt.update(None, state, params, fun=lambda q: _model(q, x), loss_fn=lambda y: _mse(y, t))
+
+
+def _update(opt, state, params, batch):
+    return _jitted_update(opt, state, params, batch)
 
 
 def _compare_by_hand(batches, learning_rate, w=3.0):
