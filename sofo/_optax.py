@@ -49,7 +49,8 @@ class SofoState(NamedTuple):
         `AdaptiveDamping(held_out_compare=w)`, the alternative damping's gain on this batch over the
         previous step's curvature term (positive when it won).
       previous: the last step and what re-judging it needs (a `PreviousStep`: one parameter-sized
-        buffer, two with `held_out_compare`), or None without adaptive damping or with `AdaptiveDamping(next_batch=False)`.
+        buffer, two with `held_out_compare`), or None without adaptive damping or with
+        `AdaptiveDamping(next_batch=False)`.
     """
 
     key: jax.Array

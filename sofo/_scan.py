@@ -53,12 +53,12 @@ def value_and_sofo_grad_scan(
     Returns:
       `f(key, params, z0, xs, ys, *, damping=None, memory=None, extra_dampings=None) -> (value, direction,
       info)` with `xs`, `ys` time-major pytrees of equal leading length T; `damping`, `memory` and
-      `extra_dampings` as in `value_and_sofo_grad`. The initial latent `z0` is not differentiated (make it a parameter of `cell` to
-      learn it). With the same key it draws the same tangents as `value_and_sofo_grad`, so on the unrolled
-      rollout with the summed loss both give the same direction. Non-float leaves of the latent (an int
-      step counter, a bool mask) are carried through without tangents. With T = 0 steps the loss is the
-      empty sum, 0, and the direction is zero. NaN/inf behave as in `value_and_sofo_grad`; the overflow
-      rescaling there is not applied per time step here.
+      `extra_dampings` as in `value_and_sofo_grad`. The initial latent `z0` is not differentiated (make it a
+      parameter of `cell` to learn it). With the same key it draws the same tangents as `value_and_sofo_grad`,
+      so on the unrolled rollout with the summed loss both give the same direction. Non-float leaves of the
+      latent (an int step counter, a bool mask) are carried through without tangents. With T = 0 steps the
+      loss is the empty sum, 0, and the direction is zero. NaN/inf behave as in `value_and_sofo_grad`; the
+      overflow rescaling there is not applied per time step here.
 
     References:
       Yu et al., NeurIPS 2024, Section 3 (recurrent networks).
