@@ -263,7 +263,7 @@ class PreviousStep(NamedTuple):
         would have led, as an offset from the params after the step taken: step_size * (direction -
         alternative direction), shaped like the params; None otherwise.
       alternative_factor: the alternative damping over the step's damping (w or 1 / w; the next step
-        uses the other one); 1 without `held_out_compare`.
+        uses the other one); None without `held_out_compare`.
     """
 
     step: Any
@@ -273,7 +273,7 @@ class PreviousStep(NamedTuple):
     held_out_mean: Any = 0.0
     curvature_mean: Any = 0.0
     alternative: Any = None
-    alternative_factor: Any = 1.0
+    alternative_factor: Any = None
 
 
 def init_previous(params: Any, config: AdaptiveDamping | None, damping: Any, dtype: Any) -> PreviousStep | None:

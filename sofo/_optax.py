@@ -323,6 +323,13 @@ def _check_state(state, params, front, memory_size, key_data, adaptive=None):
             f"{front}: the optimizer state holds {what}, but this optimizer has "
             f"{'AdaptiveDamping(next_batch=True)' if wants_previous else 'no next-batch re-judging'}. {fix}"
         )
+    compares = adaptive is not None and bool(adaptive.held_out_compare)
+    if state.previous is not None and (state.previous.alternative is not None) != compares:
+        what = "an alternative step to compare" if state.previous.alternative is not None else "no alternative step"
+        raise ValueError(
+            f"{front}: the optimizer state holds {what}, but this optimizer has "
+            f"{'AdaptiveDamping(held_out_compare=...)' if compares else 'no held-out comparison of dampings'}. {fix}"
+        )
     if state.previous is not None and (
         jax.tree_util.tree_structure(state.previous.step) != jax.tree_util.tree_structure(params)
     ):

@@ -249,3 +249,15 @@ def test_brainstate_front_and_recurrent_transform_compare_too():
         updates, rnn_state = step(rnn_state, params0)
         params0 = jax.tree_util.tree_map(jnp.add, params0, updates)
     assert rnn_state[0].previous.alternative is not None and np.isfinite(float(rnn_state[0].damping))
+
+
+def test_a_state_without_the_comparison_is_refused():
+    """A state built without held_out_compare (no alternative step) given to an optimizer with it: a clear
+    error naming the fix, not a pytree failure inside the step (and the other way round)."""
+    params, batch = _params(), _batch(0)
+    plain = sofo.scale_by_sofo(tangent_size=4, adaptive_damping=True)
+    comparing = sofo.scale_by_sofo(tangent_size=4, adaptive_damping=sofo.AdaptiveDamping(held_out_compare=3.0))
+    with pytest.raises(ValueError, match="holds no alternative step, but this optimizer has AdaptiveDamping"):
+        _update(comparing, plain.init(params), params, batch)
+    with pytest.raises(ValueError, match="holds an alternative step to compare, but this optimizer has no held-out"):
+        _update(plain, comparing.init(params), params, batch)
