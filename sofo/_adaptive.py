@@ -71,10 +71,13 @@ class AdaptiveDamping(NamedTuple):
     ratio's), next to L_next(theta) = L_next(theta_prev - step_size * direction(lambda)), which the
     engine computes anyway; when lambda' was better, the damping is multiplied by lambda' / lambda. Both
     losses come from the same batch (common random numbers), so its noise enters the two symmetrically:
-    the comparison has no bias towards either damping, where the held-out ratio's verdict "poor" does.
+    noise alone drives the damping neither way, where the held-out ratio's verdict "poor" drifts it up.
     The same-batch verdict is kept only as the safety net: a rejected step, or rho < `lower_ratio`,
     still multiplies the damping by `increase` (and a rejected step is not compared); rho >
-    `upper_ratio` no longer lowers it (the comparison does).
+    `upper_ratio` no longer lowers it (the comparison does). Measured (BENCHMARKS.md, issue 15): better
+    on minibatch digits and full-batch flip-flop, no better with fresh trials, where the damping that
+    is best one batch ahead is higher than the one that trains best over many steps (the short-horizon
+    bias of greedy step-size choice).
 
     Attributes:
       min_damping: the smallest damping (relative to the top curvature eigenvalue).
