@@ -97,7 +97,8 @@ class AdaptiveDamping(NamedTuple):
       More, "The Levenberg-Marquardt algorithm: implementation and theory", 1978; Martens, "Deep learning
       via Hessian-free optimization", ICML 2010, Section 4.1; Martens & Grosse, "Optimizing neural
       networks with Kronecker-factored approximate curvature", ICML 2015, Section 6.6 (the greedy
-      comparison of dampings); Chen, Menickelly & Scheinberg, Math. Programming 2018.
+      comparison of dampings); Chen, Menickelly & Scheinberg, Math. Programming 2018; Wu, Ren, Liao &
+      Grosse, "Understanding short-horizon bias in stochastic meta-optimization", ICLR 2018.
     """
 
     min_damping: float = 1e-8
