@@ -248,6 +248,11 @@ VARIANTS: dict[str, Any] = {
     "floor_0.1": sofo.AdaptiveDamping(min_damping=0.1, next_batch=False),  # a constant higher floor
     # the held-out verdict as a ratio of running averages over ~100 steps (opt-in, issue 15 part A)
     "average_0.99": sofo.AdaptiveDamping(held_out_average=0.99),
+    # a paired comparison of two dampings on the next batch (K-FAC's greedy adjustment; opt-in)
+    "compare_3": sofo.AdaptiveDamping(held_out_compare=3.0),
+    "compare_1.7": sofo.AdaptiveDamping(held_out_compare=3.0**0.5),
+    # the same, with the same-batch safety net reduced to rejected steps (rho >= 0 for an accepted one)
+    "compare_3_reject_only": sofo.AdaptiveDamping(held_out_compare=3.0, lower_ratio=0.0),
 }
 
 

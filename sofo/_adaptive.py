@@ -61,6 +61,24 @@ class AdaptiveDamping(NamedTuple):
     mean progress, where a single ratio is noise: its noise grows like one over the step length as the damping grows.
     Measured: better with fresh trials, worse on minibatch digits (BENCHMARKS.md, issue 15).
 
+    With `held_out_compare` = w > 1 (opt-in; 0, the default, is off) the held-out ratio is replaced by a
+    paired comparison of two dampings on the next batch, a next-batch version of K-FAC's greedy damping
+    adjustment (Martens & Grosse 2015, Section 6.6). Each step also forms, from the same sketch and
+    eigendecomposition, the step at one alternative damping lambda' = lambda * w or lambda / w (the two
+    alternate from step to step; one more K x K back-substitution and projection, and one more
+    parameter-sized buffer). The next call evaluates its batch at the point that step would have reached,
+    L_next(theta_prev - step_size * direction(lambda')) (one forward pass, instead of the held-out
+    ratio's), next to L_next(theta) = L_next(theta_prev - step_size * direction(lambda)), which the
+    engine computes anyway; when lambda' was better, the damping is multiplied by lambda' / lambda. Both
+    losses come from the same batch (common random numbers), so its noise enters the two symmetrically:
+    noise alone drives the damping neither way, where the held-out ratio's verdict "poor" drifts it up.
+    The same-batch verdict is kept only as the safety net: a rejected step, or rho < `lower_ratio`,
+    still multiplies the damping by `increase` (and a rejected step is not compared); rho >
+    `upper_ratio` no longer lowers it (the comparison does). Measured (BENCHMARKS.md, issue 15): better
+    on minibatch digits and full-batch flip-flop, no better with fresh trials, where the damping that
+    is best one batch ahead is higher than the one that trains best over many steps (the short-horizon
+    bias of greedy step-size choice).
+
     Attributes:
       min_damping: the smallest damping (relative to the top curvature eigenvalue).
       max_damping: the largest damping. Near it the step is a scaled gradient step.
@@ -71,6 +89,16 @@ class AdaptiveDamping(NamedTuple):
       next_batch: re-judge each step with its held-out ratio on the next call's batch (see above).
       held_out_average: 0 (default) for the per-step held-out ratio, or beta in (0, 1) for the running
         average verdict above (with `next_batch` only).
+      held_out_compare: 0 (default) for the held-out ratio, or the factor w > 1 between the damping and
+        the alternative one compared on the next batch (see above; with `next_batch` only, not with
+        `held_out_average`).
+
+    References:
+      More, "The Levenberg-Marquardt algorithm: implementation and theory", 1978; Martens, "Deep learning
+      via Hessian-free optimization", ICML 2010, Section 4.1; Martens & Grosse, "Optimizing neural
+      networks with Kronecker-factored approximate curvature", ICML 2015, Section 6.6 (the greedy
+      comparison of dampings); Chen, Menickelly & Scheinberg, Math. Programming 2018; Wu, Ren, Liao &
+      Grosse, "Understanding short-horizon bias in stochastic meta-optimization", ICLR 2018.
     """
 
     min_damping: float = 1e-8
@@ -81,6 +109,7 @@ class AdaptiveDamping(NamedTuple):
     upper_ratio: float = 0.75
     next_batch: bool = True
     held_out_average: float = 0.0
+    held_out_compare: float = 0.0
 
 
 def check_adaptive(adaptive: Any) -> AdaptiveDamping | None:
@@ -127,6 +156,22 @@ def check_adaptive(adaptive: Any) -> AdaptiveDamping | None:
         raise ValueError(
             f"AdaptiveDamping.held_out_average={adaptive.held_out_average!r} averages the next-batch verdicts, "
             f"so it needs next_batch=True; pass next_batch=True or held_out_average=0."
+        )
+    if adaptive.held_out_compare and adaptive.held_out_compare <= 1:
+        raise ValueError(
+            f"AdaptiveDamping.held_out_compare must be 0 (off) or the factor w > 1 between the damping and the "
+            f"alternative one compared on the next batch (e.g. 3.0); got {adaptive.held_out_compare!r}."
+        )
+    if adaptive.held_out_compare and not adaptive.next_batch:
+        raise ValueError(
+            f"AdaptiveDamping.held_out_compare={adaptive.held_out_compare!r} compares two dampings on the next "
+            f"batch, so it needs next_batch=True; pass next_batch=True or held_out_compare=0."
+        )
+    if adaptive.held_out_compare and adaptive.held_out_average:
+        raise ValueError(
+            f"AdaptiveDamping: held_out_compare={adaptive.held_out_compare!r} and held_out_average="
+            f"{adaptive.held_out_average!r} are two different next-batch verdicts; pass only one of them (the "
+            f"other 0)."
         )
     return adaptive
 
@@ -218,6 +263,11 @@ class PreviousStep(NamedTuple):
       held_out_mean, curvature_mean: the running averages (`AdaptiveDamping.held_out_average`) of the
         held-out reductions and of the curvature terms of the steps judged so far (0 before any, and
         unused with the per-step rule).
+      alternative: with `AdaptiveDamping.held_out_compare`, where the step at the alternative damping
+        would have led, as an offset from the params after the step taken: step_size * (direction -
+        alternative direction), shaped like the params; None otherwise.
+      alternative_factor: the alternative damping over the step's damping (w or 1 / w; the next step
+        uses the other one); None without `held_out_compare`.
     """
 
     step: Any
@@ -226,6 +276,8 @@ class PreviousStep(NamedTuple):
     damping: jax.Array
     held_out_mean: Any = 0.0
     curvature_mean: Any = 0.0
+    alternative: Any = None
+    alternative_factor: Any = None
 
 
 def init_previous(params: Any, config: AdaptiveDamping | None, damping: Any, dtype: Any) -> PreviousStep | None:
@@ -234,7 +286,12 @@ def init_previous(params: Any, config: AdaptiveDamping | None, damping: Any, dty
         return None
     step = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
     zero = jnp.zeros([], dtype)
-    return PreviousStep(step, zero, zero, jnp.asarray(damping, dtype), zero, zero)
+    if not config.held_out_compare:
+        return PreviousStep(step, zero, zero, jnp.asarray(damping, dtype), zero, zero)
+    # The first step compares with lambda * w: its predecessor (none) is taken to have used lambda / w.
+    alternative = jax.tree_util.tree_map(jnp.zeros_like, step)
+    factor = jnp.asarray(1 / config.held_out_compare, dtype)
+    return PreviousStep(step, zero, zero, jnp.asarray(damping, dtype), zero, zero, alternative, factor)
 
 
 def next_damping_fn(damping: jax.Array, ratio: jax.Array, accepted: jax.Array, config: AdaptiveDamping) -> jax.Array:
@@ -289,7 +346,9 @@ def adaptive_step(
     """One SOFO step with (optionally) Levenberg-Marquardt damping and memory, shared by every front.
 
     Args:
-      step: `step(damping, memory) -> (value, direction, info)`, the engine call on the current batch.
+      step: `step(damping, memory) -> (value, direction, info)`, the engine call on the current batch;
+        with `AdaptiveDamping.held_out_compare` it is called as `step(damping, memory, extra_dampings)`
+        (the engine's `extra_dampings`, one alternative damping) and must return `info.extra_directions`.
       evaluate: `evaluate(params) -> loss` on the same batch (used only with `config`).
       params: the current parameters.
       damping: the damping for this step (a scalar).
@@ -303,12 +362,22 @@ def adaptive_step(
     Returns:
       A `StepResult`: the direction (zeros if the step was rejected), the loss before the step, the next
       damping, the ratio rho, whether the step was accepted, the next memory, the previous step's held-out
-      ratio on this batch (0 when there was nothing to judge) and the next `PreviousStep` (or None). A step
+      ratio on this batch (0 when there was nothing to judge; with `held_out_compare`, the alternative's
+      gain on this batch over the step's curvature term, (L(theta) - L(alternative)) / q, positive when
+      the alternative damping won) and the next `PreviousStep` (or None). A step
       size that is not a finite number >= 0 (a schedule or an injected learning rate gone NaN) rejects the
       step, with or without `config`: no scaling of its zeros could keep the parameters finite. The damping
       then stays.
     """
-    value, direction, info = step(damping, memory)
+    compare = config is not None and previous is not None and bool(config.held_out_compare)
+    if compare:
+        # The alternative damping alternates between lambda * w and lambda / w from step to step; the
+        # engine solves the same sketch at it (one more back-substitution and projection).
+        factor = (1 / jnp.asarray(previous.alternative_factor, dtype)).astype(dtype)
+        value, direction, info = step(damping, memory, jnp.reshape(jnp.asarray(damping, dtype) * factor, (1,)))
+        alternative_direction = jax.tree_util.tree_map(lambda h: h[0], info.extra_directions)
+    else:
+        value, direction, info = step(damping, memory)
     ratio = jnp.zeros([], dtype)
     held_out_ratio = jnp.zeros([], dtype)
     step_ok = finite_step_size(step_size)
@@ -318,7 +387,27 @@ def adaptive_step(
         # Below about K * eps (relative to the top eigenvalue) the K x K sketch's small eigenvalues are
         # round-off, and so is the step along them: in float32 the damping must not go lower.
         low, high = damping_bounds(config, info.coefficients.shape[0], info.coefficients.dtype)
-        if previous is not None:
+        if compare:
+            # The paired comparison (K-FAC's greedy damping adjustment, on data neither step was fitted
+            # to): this batch's loss where the previous step at the alternative damping would have led,
+            # against its loss here, where the step at the previous damping did lead (`value`). Both on the
+            # same batch, so its noise favours neither; the winner's damping is kept (up to this step's own
+            # safety net below, applied to the damping this step used).
+            alternative_point = jax.tree_util.tree_map(
+                lambda p, a: (p + a).astype(jnp.result_type(p)), params, previous.alternative
+            )
+            alternative_value = evaluate(alternative_point)
+            judged = (previous.curvature_term > 0) & jnp.isfinite(alternative_value) & jnp.isfinite(value)
+            better = judged & (alternative_value < value)
+            # Reported as the held-out ratio: the alternative's gain on this batch over the step's q.
+            held_out_ratio = jnp.where(
+                judged, reduction_ratio(value, alternative_value, previous.curvature_term), 0.0
+            ).astype(dtype)
+            moved = next_damping * jnp.asarray(previous.alternative_factor, dtype)
+            next_damping = jnp.clip(jnp.where(better, moved, next_damping), low, high).astype(dtype)
+            held_out_mean = jnp.asarray(previous.held_out_mean, dtype)
+            curvature_mean = jnp.asarray(previous.curvature_mean, dtype)
+        elif previous is not None:
             # Re-judge the previous step on this batch, which it was not fitted to (the ratio from
             # independent samples of stochastic trust-region methods; the same batch at both points cancels
             # most of the batch-to-batch noise), and redo its damping update with the worse of the two
@@ -366,7 +455,13 @@ def adaptive_step(
         ratio = reduction_ratio(value, new_value, predicted_reduction(info, usable))
         ratio = jnp.where(finite, ratio, 0.0).astype(dtype)
         base_damping = next_damping
-        adapted = jnp.clip(next_damping_fn(next_damping, ratio, accepted, config), low, high)
+        if compare:
+            # The same-batch verdict as the safety net only: a rejected or poor step raises the damping;
+            # only the comparison lowers it.
+            poor = jnp.logical_or(jnp.logical_not(accepted), ratio < config.lower_ratio)
+            adapted = jnp.clip(jnp.where(poor, next_damping * config.increase, next_damping), low, high)
+        else:
+            adapted = jnp.clip(next_damping_fn(next_damping, ratio, accepted, config), low, high)
         # A step refused for its step size says nothing about the model: the damping stays.
         next_damping = jnp.where(step_ok, adapted, next_damping).astype(dtype)
     direction = jax.tree_util.tree_map(lambda h: jnp.where(accepted, h, jnp.zeros_like(h)), direction)
@@ -381,6 +476,13 @@ def adaptive_step(
             held_out_mean=held_out_mean,
             curvature_mean=curvature_mean,
         )
+        if compare:
+            # Where the alternative step would have led, from the params after this step: theta - step_size
+            # * h' = (theta - step_size * h) + step_size * (h - h') (h zeros if rejected: then not compared).
+            alternative = jax.tree_util.tree_map(
+                lambda h, a: (usable * (h - a.astype(h.dtype))).astype(h.dtype), direction, alternative_direction
+            )
+            previous = previous._replace(alternative=alternative, alternative_factor=factor)
     if memory is not None:
         # Without adaptive damping every step is applied, but a non-finite one must not poison the memory.
         keep = accepted & all_finite(direction)

@@ -383,6 +383,30 @@ def prepare_call(key, params, tangent_size, sampler, damping, default_damping, m
     return key, damping
 
 
+def check_extra_dampings(extra_dampings):
+    """None, or a 1-D float array of E >= 1 dampings (each checked like `damping` where concrete)."""
+    if extra_dampings is None:
+        return None
+    message = (
+        f"extra_dampings must be None or a 1-D sequence of finite non-negative dampings (e.g. "
+        f"extra_dampings=jnp.array([3e-3, 3e-2])); got {extra_dampings!r}."
+    )
+    if isinstance(extra_dampings, (bool, np.bool_, numbers.Number)):
+        raise ValueError(message)
+    try:
+        values = jnp.asarray(extra_dampings)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if values.ndim != 1 or values.shape[0] == 0 or not jnp.issubdtype(values.dtype, jnp.floating):
+        if not (values.ndim == 1 and values.shape[0] and jnp.issubdtype(values.dtype, jnp.integer)):
+            raise ValueError(message)
+    if not isinstance(values, jax.core.Tracer):
+        concrete = np.asarray(values, np.float64)
+        if not np.all(np.isfinite(concrete)) or np.any(concrete < 0):
+            raise ValueError(message)
+    return values
+
+
 def check_callable(f, name, call):
     """Rejects a non-callable model or loss when the step is built, not when it is first called."""
     if not callable(f):

@@ -42,12 +42,18 @@ class SofoInfo(NamedTuple):
       coefficients: the K solve coefficients c = (G + damping * max_eig(G) I)^-1 g (direction = V c).
         With `directional_derivatives` and `curvature` they give the subspace quadratic model's predicted
         reduction (`sofo.predicted_reduction`), which adaptive damping compares with the actual one.
+      extra_coefficients: with the call-time `extra_dampings` (E of them), the (E, K) coefficients at
+        those dampings, from the same sketch and eigendecomposition; None otherwise.
+      extra_directions: with `extra_dampings`, the directions V c_e, shaped like `params` with a leading
+        axis of E (as a memory); None otherwise.
     """
 
     top_eigenvalue: jax.Array
     directional_derivatives: jax.Array
     curvature: jax.Array
     coefficients: jax.Array
+    extra_coefficients: Any = None
+    extra_directions: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,18 +159,25 @@ def _loss_directions(loss_fn, outputs, output_tangents):
     return jax.vmap(lambda u: jax.jvp(loss_fn, (outputs,), (u,)), out_axes=(None, 0))(output_tangents)
 
 
-def _finish(value, directional, curvature, project, damping, axis_name):
+def _finish(value, directional, curvature, project, damping, axis_name, extra_dampings=None):
     """Steps 5-6: damped solve and projection back to parameter space (`project`, e.g. `_project`).
 
     With `axis_name` (data parallelism under `shard_map`/`pmap`), each device holds a shard of the batch:
     the loss, directional derivatives and curvature are averaged over the devices first, which is exact
     for losses that average over equal-sized shards. Every device then solves the same K x K system.
-    `project` maps the K coefficients to the parameter-space direction.
+    `project` maps the K coefficients to the parameter-space direction. With `extra_dampings` (a 1-D
+    array of E dampings) the same eigendecomposition also gives the coefficients and directions at those
+    dampings, returned in the info (`SofoInfo.extra_coefficients`, `extra_directions`).
     """
     if axis_name is not None:
         value, directional, curvature = jax.lax.pmean((value, directional, curvature), axis_name)
-    coefficients, top = _solve.damped_solve(curvature, directional, damping)
-    return value, project(coefficients), SofoInfo(top, directional, curvature, coefficients)
+    if extra_dampings is None:
+        coefficients, top = _solve.damped_solve(curvature, directional, damping)
+        return value, project(coefficients), SofoInfo(top, directional, curvature, coefficients)
+    coefficients, top, extra = _solve.damped_solve(curvature, directional, damping, extra_dampings)
+    directions = [project(extra[e]) for e in range(extra.shape[0])]
+    stacked = jax.tree_util.tree_map(lambda *hs: jnp.stack(hs), *directions)
+    return value, project(coefficients), SofoInfo(top, directional, curvature, coefficients, extra, stacked)
 
 
 def _project(tangents, coefficients, params):
@@ -239,7 +252,7 @@ def value_and_sofo_grad(
       loss: the old name of `curvature` (deprecated: a DeprecationWarning; it still works).
 
     Returns:
-      `f(key, params, *, damping=None, memory=None) -> (value, direction, info)`:
+      `f(key, params, *, damping=None, memory=None, extra_dampings=None) -> (value, direction, info)`:
       `value = loss_fn(fun(params))`; `direction`, shaped and typed like `params`, is
       V (G + damping * max_eig(G) I)^-1 V^T grad — a descent direction to subtract
       (`params - lr * direction`); `info` is a `SofoInfo`. `key` is a `jax.random.key`, a legacy
@@ -247,7 +260,10 @@ def value_and_sofo_grad(
       The call-time `damping` (a float or a traced scalar, e.g. an adaptive damping carried in an
       optimiser state) overrides the one given here for that call. `memory`, a pytree like `params` whose
       leaves have a leading axis of m <= K stored directions, replaces the first m random tangents
-      (see `sofo._tangents.sample`); the same key and memory give the same step.
+      (see `sofo._tangents.sample`); the same key and memory give the same step. `extra_dampings`, a
+      1-D array of E more dampings, also returns the directions the same sketch gives at those dampings
+      (`info.extra_directions`, leading axis E, and `info.extra_coefficients`), at the cost of E more
+      K x K back-substitutions and projections V c (no more passes through the model).
 
     Non-finite numbers: a NaN or inf in `params`, in the data `fun` closes over, in the model's outputs or
     in the loss is not caught (checking it would need a host round-trip inside `jit`); it propagates, so
@@ -285,8 +301,9 @@ def build(
 
     streamed = sampler != "orthonormal" and tangent_chunk_size is not None and tangent_chunk_size < tangent_size
 
-    def value_and_direction(key, params, *, damping=None, memory=None):
+    def value_and_direction(key, params, *, damping=None, memory=None, extra_dampings=None):
         key, damping = _checks.prepare_call(key, params, tangent_size, sampler, damping, default_damping, memory)
+        extra_dampings = _checks.check_extra_dampings(extra_dampings)
         dtype = _tangents.compute_dtype(params)
         _checks.check_axis_name(axis_name)
         out_shapes = _checks.abstract_outputs(fun, (params,), "fun")
@@ -312,6 +329,9 @@ def build(
             curvature, _curvature.fast_path_mismatch(curvature, loss_fn, outputs, output_tangents, dtype), "sofo"
         )
         # Steps 5-6: the damped solve and the direction V c.
-        return _finish(value, directional, sketch, lambda c: _project(tangents, c / scale, params), damping, axis_name)
+        return _finish(
+            value, directional, sketch, lambda c: _project(tangents, c / scale, params), damping, axis_name,
+            extra_dampings,
+        )
 
     return value_and_direction

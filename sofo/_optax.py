@@ -45,9 +45,12 @@ class SofoState(NamedTuple):
       accepted: whether the last step was applied (always True without adaptive damping).
       memory: the last m update directions (unit norm, newest first), or None with `memory_size=0`.
       held_out_ratio: the previous step's reduction ratio on this call's batch, the one the damping
-        follows (`sofo.AdaptiveDamping.next_batch`); 0 when there was nothing to judge or it is off.
+        follows (`sofo.AdaptiveDamping.next_batch`); 0 when there was nothing to judge or it is off. With
+        `AdaptiveDamping(held_out_compare=w)`, the alternative damping's gain on this batch over the
+        previous step's curvature term (positive when it won).
       previous: the last step and what re-judging it needs (a `PreviousStep`: one parameter-sized
-        buffer), or None without adaptive damping or with `AdaptiveDamping(next_batch=False)`.
+        buffer, two with `held_out_compare`), or None without adaptive damping or with
+        `AdaptiveDamping(next_batch=False)`.
     """
 
     key: jax.Array
@@ -268,7 +271,7 @@ def build(
         # damping is carried in the state.
         eta = step_size(state.count) if callable(step_size) else step_size
         result = _adaptive.adaptive_step(
-            lambda d, m: step(step_key, d, m), evaluate, params,
+            lambda d, m, e=None: step(step_key, d, m, e), evaluate, params,
             state.damping if adaptive is not None else damping, state.memory, eta, adaptive, state.value.dtype,
             state.previous,
         )
@@ -319,6 +322,13 @@ def _check_state(state, params, front, memory_size, key_data, adaptive=None):
         raise ValueError(
             f"{front}: the optimizer state holds {what}, but this optimizer has "
             f"{'AdaptiveDamping(next_batch=True)' if wants_previous else 'no next-batch re-judging'}. {fix}"
+        )
+    compares = adaptive is not None and bool(adaptive.held_out_compare)
+    if state.previous is not None and (state.previous.alternative is not None) != compares:
+        what = "an alternative step to compare" if state.previous.alternative is not None else "no alternative step"
+        raise ValueError(
+            f"{front}: the optimizer state holds {what}, but this optimizer has "
+            f"{'AdaptiveDamping(held_out_compare=...)' if compares else 'no held-out comparison of dampings'}. {fix}"
         )
     if state.previous is not None and (
         jax.tree_util.tree_structure(state.previous.step) != jax.tree_util.tree_structure(params)
@@ -375,13 +385,17 @@ def _step(state, params, *, fun, loss_fn, cell, z0, xs, ys, options, front="sofo
                 f"{', '.join(stray)} only apply to a recurrent cell; pass cell= instead of fun=: {_SCAN_CALL}."
             )
         engine = _engine.build(fun, loss_fn, options, front=front)
-        step = lambda key, damping, memory: engine(key, params, damping=damping, memory=memory)  # noqa: E731
+        step = lambda key, damping, memory, extra=None: engine(  # noqa: E731
+            key, params, damping=damping, memory=memory, extra_dampings=extra
+        )
         return step, lambda candidate: loss_fn(fun(candidate))
     missing = [name for name, v in (("z0", z0), ("xs", xs)) if v is None]
     if missing:
         raise TypeError(f"with cell=, update also needs {' and '.join(m + '=' for m in missing)}: {_SCAN_CALL}.")
     engine = _scan.build(cell, loss_fn, options, front=front)
-    step = lambda key, damping, memory: engine(key, params, z0, xs, ys, damping=damping, memory=memory)  # noqa: E731
+    step = lambda key, damping, memory, extra=None: engine(  # noqa: E731
+        key, params, z0, xs, ys, damping=damping, memory=memory, extra_dampings=extra
+    )
     return step, lambda candidate: _adaptive.rollout_loss(cell, loss_fn, candidate, z0, xs, ys)
 
 

@@ -51,14 +51,14 @@ def value_and_sofo_grad_scan(
         forward pass.
 
     Returns:
-      `f(key, params, z0, xs, ys, *, damping=None, memory=None) -> (value, direction, info)` with `xs`,
-      `ys` time-major pytrees of equal leading length T; `damping` and `memory` as in
-      `value_and_sofo_grad`. The initial latent `z0` is not differentiated (make it a parameter of `cell` to
-      learn it). With the same key it draws the same tangents as `value_and_sofo_grad`, so on the unrolled
-      rollout with the summed loss both give the same direction. Non-float leaves of the latent (an int
-      step counter, a bool mask) are carried through without tangents. With T = 0 steps the loss is the
-      empty sum, 0, and the direction is zero. NaN/inf behave as in `value_and_sofo_grad`; the overflow
-      rescaling there is not applied per time step here.
+      `f(key, params, z0, xs, ys, *, damping=None, memory=None, extra_dampings=None) -> (value, direction,
+      info)` with `xs`, `ys` time-major pytrees of equal leading length T; `damping`, `memory` and
+      `extra_dampings` as in `value_and_sofo_grad`. The initial latent `z0` is not differentiated (make it a
+      parameter of `cell` to learn it). With the same key it draws the same tangents as `value_and_sofo_grad`,
+      so on the unrolled rollout with the summed loss both give the same direction. Non-float leaves of the
+      latent (an int step counter, a bool mask) are carried through without tangents. With T = 0 steps the
+      loss is the empty sum, 0, and the direction is zero. NaN/inf behave as in `value_and_sofo_grad`; the
+      overflow rescaling there is not applied per time step here.
 
     References:
       Yu et al., NeurIPS 2024, Section 3 (recurrent networks).
@@ -84,8 +84,9 @@ def build(
     _checks.check_callable(loss_fn, "loss_fn", "loss_fn(y_t, ys_t) -> scalar")
     _checks.check_loss_signature(loss_fn, 2, front, "cell")
 
-    def value_and_direction(key, params, z0, xs, ys, *, damping=None, memory=None):
+    def value_and_direction(key, params, z0, xs, ys, *, damping=None, memory=None, extra_dampings=None):
         key, damping = _checks.prepare_call(key, params, tangent_size, sampler, damping, default_damping, memory)
+        extra_dampings = _checks.check_extra_dampings(extra_dampings)
         dtype = _tangents.compute_dtype(params)
         _checks.check_axis_name(axis_name)
         steps = _checks.check_cell(cell, loss_fn, curvature, params, z0, xs, ys)
@@ -95,7 +96,7 @@ def build(
         if steps == 0:
             # The empty sum: loss 0, no directional derivative, no curvature, so a zero direction.
             zeros = jnp.zeros((), dtype), jnp.zeros((tangent_size,), dtype), jnp.zeros((tangent_size,) * 2, dtype)
-            return _finish(*zeros, project, damping, axis_name)
+            return _finish(*zeros, project, damping, axis_name, extra_dampings)
         # Non-float latent leaves (counters, masks) are carried without tangents: only the float ones are
         # differentiated, the others are closed over and passed through.
         z_leaves, z_def = jax.tree_util.tree_flatten(z0)
@@ -151,6 +152,6 @@ def build(
         (_, _, value, directional, sketch, mismatch), _ = jax.lax.scan(step, init, (xs, ys))
         _curvature.warn_on_mismatch(curvature, mismatch, "sofo (recurrent)")
         # Steps 5-6: the damped solve and the direction V c.
-        return _finish(value, directional, sketch, project, damping, axis_name)
+        return _finish(value, directional, sketch, project, damping, axis_name, extra_dampings)
 
     return value_and_direction

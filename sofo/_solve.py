@@ -10,7 +10,9 @@ import jax.numpy as jnp
 from sofo import _structured
 
 
-def damped_solve(curvature: jax.Array, directional_derivatives: jax.Array, damping: float):
+def damped_solve(
+    curvature: jax.Array, directional_derivatives: jax.Array, damping: float, extra_dampings: Any = None
+):
     """Solves (G + damping * max_eig(G) * I) c = g for a symmetric PSD-ish K x K sketch G.
 
     G = U S U^T by `eigh` (G is symmetric: no SVD). Eigenvalues below a round-off tolerance relative to
@@ -21,8 +23,16 @@ def damped_solve(curvature: jax.Array, directional_derivatives: jax.Array, dampi
     With damping=0, eigenvalues that are still zero are dropped, as a pseudo-inverse. `damping` may be a
     traced scalar.
 
+    Args:
+      curvature: the K x K sketch G.
+      directional_derivatives: the K numbers g.
+      damping: the relative damping (a float or a traced scalar).
+      extra_dampings: None, or a 1-D array of E more relative dampings solved with the same
+        eigendecomposition (adaptive damping's held-out comparison of dampings).
+
     Returns:
-      (coefficients c, top eigenvalue of G, as computed).
+      (coefficients c, top eigenvalue of G, as computed), and with `extra_dampings` also the (E, K)
+      coefficients at those dampings.
     """
     dtype = curvature.dtype
     curvature = 0.5 * (curvature + curvature.T)
@@ -32,11 +42,18 @@ def damped_solve(curvature: jax.Array, directional_derivatives: jax.Array, dampi
     tolerance = curvature.shape[0] * jnp.finfo(dtype).eps * size
     meaningful = eigenvalues > tolerance
     scale = jnp.where(top > tolerance, top, jnp.ones((), dtype))
-    damped = jnp.where(meaningful, eigenvalues, 0) + damping * scale
-    keep = damped > jnp.finfo(dtype).eps * scale
-    inverse = jnp.where(keep, 1 / jnp.where(keep, damped, 1), 0)
-    coefficients = eigenvectors @ (inverse * (eigenvectors.T @ directional_derivatives.astype(dtype)))
-    return coefficients, top
+    projected = eigenvectors.T @ directional_derivatives.astype(dtype)
+
+    def solve(damping):
+        damped = jnp.where(meaningful, eigenvalues, 0) + damping * scale
+        keep = damped > jnp.finfo(dtype).eps * scale
+        inverse = jnp.where(keep, 1 / jnp.where(keep, damped, 1), 0)
+        return eigenvectors @ (inverse * projected)
+
+    coefficients = solve(damping)
+    if extra_dampings is None:
+        return coefficients, top
+    return coefficients, top, jax.vmap(solve)(jnp.asarray(extra_dampings, dtype))
 
 
 def combine(tangents: Any, coefficients: jax.Array, cast: bool = True) -> Any:

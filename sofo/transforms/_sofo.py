@@ -246,7 +246,8 @@ def sofo_grad(
             _, direction, _ = engine(key, params)
         else:
             direction, new_adaptive = adaptive.run(
-                lambda d, m: engine(key, params, damping=d, memory=m), lambda p: loss_fn(model(p)), params,
+                lambda d, m, e=None: engine(key, params, damping=d, memory=m, extra_dampings=e),
+                lambda p: loss_fn(model(p)), params,
                 *adaptive_inputs,
             )
         direction = _fill_unread(spec, direction, values, unread)
@@ -395,7 +396,7 @@ def sofo_grad_scan(
             _, direction, _ = engine(key, params, z0, xs, ys)
         else:
             direction, new_adaptive = adaptive.run(
-                lambda d, m: engine(key, params, z0, xs, ys, damping=d, memory=m),
+                lambda d, m, e=None: engine(key, params, z0, xs, ys, damping=d, memory=m, extra_dampings=e),
                 lambda p: _adaptive.rollout_loss(engine_cell, loss_fn, p, z0, xs, ys),
                 params,
                 *adaptive_inputs,
