@@ -34,6 +34,21 @@ VARIANTS = {
     "orthogonal memory": dict(_orthogonal_memory=True),
     "orthogonal memory 8": dict(memory_size=8, _orthogonal_memory=True),
     "adaptive K": dict(_adaptive_k=True),
+    # Experimental (issue 15 part C): one extra memory slot (slot 0) holds a direction other than a past
+    # step, next to the 4 remembered steps (memory_size 5, so 27 random tangents instead of 28):
+    # "grad EMA b": the EMA over steps of the subspace gradient V_t g_t (g_t = V_t^T grad, the K directional
+    # derivatives the engine already has), an accumulated forward-gradient estimate of the full gradient;
+    # "random" uses only the random tangents' part (the memory slots left out); "step EMA b": the EMA of
+    # the applied updates (a momentum direction); "oracle grad": the exact backprop gradient at the current
+    # parameters (an upper bound for what a gradient estimate in one slot can give, not forward-mode).
+    "grad EMA 0": dict(memory_size=5, _slot=("grad", 0.0, False)),
+    "grad EMA 0.9": dict(memory_size=5, _slot=("grad", 0.9, False)),
+    "grad EMA 0.99": dict(memory_size=5, _slot=("grad", 0.99, False)),
+    "grad EMA 0.9 random": dict(memory_size=5, _slot=("grad", 0.9, True)),
+    "grad EMA 0.99 random": dict(memory_size=5, _slot=("grad", 0.99, True)),
+    "step EMA 0.9": dict(memory_size=5, _slot=("step", 0.9, False)),
+    "step EMA 0.99": dict(memory_size=5, _slot=("step", 0.99, False)),
+    "oracle grad": dict(memory_size=5, _slot=("oracle", 0.0, False)),
 }
 GROW_EVERY, MAX_TANGENTS = 10, 128
 
@@ -60,6 +75,53 @@ def _orthogonalise_memory(state):
     flat = jnp.stack(rows)
     sizes = np.cumsum([0] + [int(np.prod(leaf.shape[1:])) for leaf in leaves])
     new = [flat[:, a:b].reshape(leaf.shape).astype(leaf.dtype) for leaf, a, b in zip(leaves, sizes[:-1], sizes[1:])]
+    return state._replace(memory=jax.tree_util.tree_unflatten(treedef, new))
+
+
+def _flat(tree, lead=0):
+    """The leaves of `tree` as one flat vector (lead=0) or one row per entry of a leading axis (lead=1)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if lead:
+        return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
+    return jnp.concatenate([leaf.reshape(-1) for leaf in leaves])
+
+
+def _unflat(flat, like):
+    """A flat vector back into the shape of `like` (a pytree of arrays)."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    sizes = np.cumsum([0] + [int(np.prod(leaf.shape)) for leaf in leaves])
+    parts = [flat[a:b].reshape(leaf.shape).astype(leaf.dtype) for leaf, a, b in zip(leaves, sizes[:-1], sizes[1:])]
+    return jax.tree_util.tree_unflatten(treedef, parts)
+
+
+def subspace_gradient(state, params, grad, tangent_size, sampler, random_only=False):
+    """V g with V the K tangents the step from `state` draws (its key and memory) and g = V^T grad.
+
+    g is the engine's `directional_derivatives` for that step (computed here from `grad` so the benchmark
+    needs no engine change; the numbers are the same up to round-off). V g is the step's forward-gradient
+    estimate of `grad`. With `random_only` the memory tangents (the first m) are left out."""
+    step_key = jax.random.split(jax.random.wrap_key_data(jnp.asarray(state.key)))[1]
+    tangents = sofo._tangents.sample(step_key, params, tangent_size, sampler, basis=state.memory)
+    dtype = sofo._tangents.compute_dtype(params)
+    v = _flat(tangents, lead=1).astype(dtype)
+    g = v @ _flat(grad).astype(dtype)
+    if random_only and state.memory is not None:
+        g = g.at[: sofo._tangents.memory_count(state.memory)].set(0.0)
+    return g @ v
+
+
+def _with_slot(state, before, direction):
+    """The SofoState whose memory is [direction, the remembered steps]: slot 0 holds `direction`.
+
+    `before` is the memory the step used ([slot, h_{t-1}, ...]); after an accepted step `state.memory` is
+    [h_t, slot, h_{t-1}, ...] (pushed), after a rejected one it is `before`."""
+    memory = state.memory
+    leaves, treedef = jax.tree_util.tree_flatten(memory)
+    slot = _unflat(direction, jax.tree_util.tree_map(lambda leaf: leaf[0], memory))
+    new = []
+    for leaf, extra in zip(leaves, jax.tree_util.tree_leaves(slot)):
+        steps = jnp.where(state.accepted, jnp.concatenate([leaf[:1], leaf[2:]]), leaf[1:])
+        new.append(jnp.concatenate([extra[None].astype(leaf.dtype), steps]))
     return state._replace(memory=jax.tree_util.tree_unflatten(treedef, new))
 
 
@@ -100,19 +162,51 @@ def mlp_regression(seed):
 TASKS = {"seq_digits": sequential_digits, "mlp_regression": mlp_regression}
 
 
-def _curve(params, fun, loss_fn, opt, iterations, sofo_opt, orthogonal_memory=False):
+def _curve(params, fun, loss_fn, opt, iterations, sofo_opt, orthogonal_memory=False, slot=None,
+           tangent_size=32, sampler="balanced", cosines=None):
+    """The loss after each of `iterations` steps (and, with `slot`, the cosine of slot 0 with the gradient
+    at the step that uses it, appended to `cosines`)."""
+    total = lambda q: loss_fn(fun(q))  # noqa: E731
+
     def body(carry, _):
-        p, s = carry
+        p, s, acc = carry
+        cosine = jnp.zeros([], jnp.float32)
         if sofo_opt:
+            state = s[0]
+            if slot is not None:
+                kind, beta, random_only = slot
+                grad = _flat(jax.grad(total)(p)).astype(jnp.float32)
+                if kind == "oracle":
+                    state = _with_slot(state._replace(accepted=jnp.asarray(False)), state.memory, grad)
+                    state = state._replace(accepted=s[0].accepted)
+                    s = (state,) + tuple(s[1:])
+                used = _flat(state.memory, lead=1)[0].astype(jnp.float32)
+                cosine = jnp.dot(used, grad) / (jnp.linalg.norm(used) * jnp.linalg.norm(grad) + 1e-30)
             u, s = opt.update(None, s, p, fun=fun, loss_fn=loss_fn)
             if orthogonal_memory:
                 s = (_orthogonalise_memory(s[0]),) + tuple(s[1:])
+            if slot is not None:
+                if kind == "grad":
+                    grad_tree = _unflat(grad, p)
+                    acc = beta * acc + (1 - beta) * subspace_gradient(
+                        state, p, grad_tree, tangent_size, sampler, random_only
+                    )
+                elif kind == "step":
+                    acc = jnp.where(s[0].accepted, beta * acc + (1 - beta) * _flat(u).astype(jnp.float32), acc)
+                else:  # the oracle's slot is refilled before the next step
+                    acc = grad
+                s = (_with_slot(s[0], state.memory, acc),) + tuple(s[1:])
         else:
-            u, s = opt.update(jax.grad(lambda q: loss_fn(fun(q)))(p), s, p)
+            u, s = opt.update(jax.grad(total)(p), s, p)
         p = optax.apply_updates(p, u)
-        return (p, s), loss_fn(fun(p))
+        return (p, s, acc), (total(p), cosine)
 
-    _, losses = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), None, length=iterations))(params, opt.init(params))
+    acc0 = jnp.zeros(_flat(params).shape, jnp.float32)
+    _, (losses, cos) = jax.jit(lambda p, s: jax.lax.scan(body, (p, s, acc0), None, length=iterations))(
+        params, opt.init(params)
+    )
+    if cosines is not None:
+        cosines.append(np.asarray(cos))
     return np.asarray(losses)
 
 
@@ -175,12 +269,13 @@ def main(argv=None):
         best = min(adam, key=lambda lr: statistics.median(c[-1] for c in adam[lr]))
         targets = [c[-1] for c in adam[best]]
         adam_iters = [int(np.argmax(c <= t)) + 1 for c, t in zip(adam[best], targets)]
-        rows = [f"| Adam (tuned, lr={best}) | {_spread(targets)} | - | - |"]
+        rows = [f"| Adam (tuned, lr={best}) | {_spread(targets)} | - | - | - |"]
         for variant in variants:
-            finals, speedups, mean_ks = [], [], []
+            finals, speedups, mean_ks, cosines = [], [], [], []
             for seed, ((p, f, l, curvature), target, a_it) in enumerate(zip(setups, targets, adam_iters)):
                 options = dict(VARIANTS[variant])
                 orthogonal = options.pop("_orthogonal_memory", False)
+                slot = options.pop("_slot", None)
                 if options.pop("_adaptive_k", False):
                     make = lambda k, curvature=curvature, seed=seed, options=options: sofo.sofo(  # noqa: E731
                         tangent_size=k, curvature=curvature, key=seed, **options
@@ -188,17 +283,20 @@ def main(argv=None):
                     c, ks = _adaptive_k_curve(p, f, l, make, args.tangent_size, args.iterations)
                 else:
                     opt = sofo.sofo(tangent_size=args.tangent_size, curvature=curvature, key=seed, **options)
-                    c = _curve(p, f, l, opt, args.iterations, True, orthogonal)
+                    c = _curve(p, f, l, opt, args.iterations, True, orthogonal, slot, args.tangent_size,
+                               options.get("sampler", "balanced"), cosines)
                     ks = np.full(len(c), args.tangent_size)
                 finals.append(float(c[-1]))
                 mean_ks.append(float(np.mean(ks)))
                 reached = c <= target
                 speedups.append(a_it / (int(np.argmax(reached)) + 1) if reached.any() else 0.0)
+            cos = _spread([float(np.median(c[1:])) for c in cosines], "{:.3f}") if cosines else "-"
             rows.append(f"| sofo.sofo K={args.tangent_size} ({variant}) | {_spread(finals)} | "
-                        f"{_spread(speedups, '{:.2f}x')} | {_spread(mean_ks)} |")
+                        f"{_spread(speedups, '{:.2f}x')} | {_spread(mean_ks)} | {cos} |")
             print(rows[-1], flush=True)
         print(f"\n### {name}: {args.seeds} seeds, {args.iterations} iterations, full batch\n")
-        print("| method | final loss | fewer iters than Adam | mean K |\n|---|---|---|---|\n" + "\n".join(rows) + "\n",
+        print("| method | final loss | fewer iters than Adam | mean K | slot cosine |\n|---|---|---|---|---|\n"
+              + "\n".join(rows) + "\n",
               flush=True)
     return 0
 
