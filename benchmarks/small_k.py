@@ -5,7 +5,10 @@
 Two tasks: a sequential-digits classifier (tanh RNN N=64 reading the 8 rows of sklearn's 8x8 digits,
 cross-entropy at the last step) and an 8-64-64-1 tanh MLP regression on a noisy random teacher. Prints,
 per task and variant, the final training loss and Adam's iterations to its own final loss divided by
-the variant's (0 where it never got there), median [min, max] over seeds.
+the variant's (0 where it never got there), median [min, max] over seeds; for the slot variants also the
+cosine of the slot's direction with the gradient at the step that uses it (median over steps, then
+over seeds). A third task, `--tasks flipflop --iterations 150`, is the quick full-batch flip-flop RNN, the
+control for what must not get worse.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import optax
 
 import sofo
 from benchmarks.stochastic import _mlp, _mlp_apply
+from benchmarks import tasks
 from benchmarks.tasks import cross_entropy, mse
 
 VARIANTS = {
@@ -49,6 +53,9 @@ VARIANTS = {
     "step EMA 0.9": dict(memory_size=5, _slot=("step", 0.9, False)),
     "step EMA 0.99": dict(memory_size=5, _slot=("step", 0.99, False)),
     "oracle grad": dict(memory_size=5, _slot=("oracle", 0.0, False)),
+    # The library's opt-in form of "oracle grad": sofo.sofo(gradient_tangent=True), the backprop gradient
+    # passed as update's first argument becomes tangent 0, ahead of the (default 4) remembered directions.
+    "gradient tangent": dict(gradient_tangent=True),
 }
 GROW_EVERY, MAX_TANGENTS = 10, 128
 
@@ -159,11 +166,28 @@ def mlp_regression(seed):
     return _mlp((8, 64, 64, 1), key_init), lambda p: _mlp_apply(p, x), lambda out: mse(out, y), "mse"
 
 
-TASKS = {"seq_digits": sequential_digits, "mlp_regression": mlp_regression}
+def flipflop(seed):
+    """The quick 3-bit flip-flop task (`benchmarks.tasks.flipflop`, RNN N=64, T=100, B=32), full batch, as
+    one feed-forward model: fun(params) is the whole rollout and loss_fn sums the per-step losses, as the
+    scan engine does (same derivatives; the exact curvature, sofo.sofo's default). Run it with
+    --iterations 150, as the suite does."""
+    problem = tasks.flipflop(seed=seed, quick=True)
+
+    def fun(p):
+        return jax.lax.scan(lambda z, x: problem.cell(p, z, x), problem.z0, problem.xs)[1]
+
+    def loss_fn(outputs):
+        return jnp.sum(jax.vmap(problem.step_loss)(outputs, problem.ys))
+
+    return problem.params, fun, loss_fn, "exact"
+
+
+TASKS = {"seq_digits": sequential_digits, "mlp_regression": mlp_regression, "flipflop": flipflop}
+DEFAULT_TASKS = "seq_digits,mlp_regression"
 
 
 def _curve(params, fun, loss_fn, opt, iterations, sofo_opt, orthogonal_memory=False, slot=None,
-           tangent_size=32, sampler="balanced", cosines=None):
+           tangent_size=32, sampler="balanced", cosines=None, pass_gradient=False):
     """The loss after each of `iterations` steps (and, with `slot`, the cosine of slot 0 with the gradient
     at the step that uses it, appended to `cosines`)."""
     total = lambda q: loss_fn(fun(q))  # noqa: E731
@@ -182,7 +206,7 @@ def _curve(params, fun, loss_fn, opt, iterations, sofo_opt, orthogonal_memory=Fa
                     s = (state,) + tuple(s[1:])
                 used = _flat(state.memory, lead=1)[0].astype(jnp.float32)
                 cosine = jnp.dot(used, grad) / (jnp.linalg.norm(used) * jnp.linalg.norm(grad) + 1e-30)
-            u, s = opt.update(None, s, p, fun=fun, loss_fn=loss_fn)
+            u, s = opt.update(jax.grad(total)(p) if pass_gradient else None, s, p, fun=fun, loss_fn=loss_fn)
             if orthogonal_memory:
                 s = (_orthogonalise_memory(s[0]),) + tuple(s[1:])
             if slot is not None:
@@ -254,7 +278,7 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--tangent-size", type=int, default=32)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default=DEFAULT_TASKS)
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS] + [t for t in args.tasks.split(",") if t not in TASKS]
@@ -284,7 +308,8 @@ def main(argv=None):
                 else:
                     opt = sofo.sofo(tangent_size=args.tangent_size, curvature=curvature, key=seed, **options)
                     c = _curve(p, f, l, opt, args.iterations, True, orthogonal, slot, args.tangent_size,
-                               options.get("sampler", "balanced"), cosines)
+                               options.get("sampler", "balanced"), cosines if slot else None,
+                               options.get("gradient_tangent", False))
                     ks = np.full(len(c), args.tangent_size)
                 finals.append(float(c[-1]))
                 mean_ks.append(float(np.mean(ks)))
