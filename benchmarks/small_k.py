@@ -56,6 +56,11 @@ VARIANTS = {
     # The library's opt-in form of "oracle grad": sofo.sofo(gradient_tangent=True), the backprop gradient
     # passed as update's first argument becomes tangent 0, ahead of the (default 4) remembered directions.
     "gradient tangent": dict(gradient_tangent=True),
+    # Experimental: the K x K solve in Jacobi-scaled coordinates (each tangent rescaled to unit curvature,
+    # diag(G~) = 1, before the relative damping), so one stiff tangent (the gradient of an RNN loss) does not
+    # set the damping of all the others. Patched into sofo._solve for the run only.
+    "jacobi": dict(_jacobi=True),
+    "gradient tangent + jacobi": dict(gradient_tangent=True, _jacobi=True),
 }
 GROW_EVERY, MAX_TANGENTS = 10, 128
 
@@ -130,6 +135,20 @@ def _with_slot(state, before, direction):
         steps = jnp.where(state.accepted, jnp.concatenate([leaf[:1], leaf[2:]]), leaf[1:])
         new.append(jnp.concatenate([extra[None].astype(leaf.dtype), steps]))
     return state._replace(memory=jax.tree_util.tree_unflatten(treedef, new))
+
+
+def _jacobi_damped_solve(curvature, directional_derivatives, damping):
+    """`sofo._solve.damped_solve` in the coordinates where every tangent has unit curvature: with
+    D = sqrt(diag G) (floored at K * eps of its largest entry), c = D^-1 solve(D^-1 G D^-1, D^-1 g)."""
+    diagonal = jnp.clip(jnp.diagonal(curvature), 0, None)
+    floor = curvature.shape[0] * jnp.finfo(curvature.dtype).eps * jnp.max(diagonal)
+    scale = jnp.sqrt(jnp.where(diagonal > floor, diagonal, jnp.where(floor > 0, floor, 1)))
+    scaled = curvature / scale[:, None] / scale[None, :]
+    coefficients, _ = _ORIGINAL_SOLVE(scaled, directional_derivatives / scale, damping)
+    return coefficients / scale, jnp.linalg.eigvalsh(0.5 * (curvature + curvature.T))[-1]
+
+
+_ORIGINAL_SOLVE = sofo._solve.damped_solve
 
 
 def sequential_digits(seed):
@@ -300,6 +319,7 @@ def main(argv=None):
                 options = dict(VARIANTS[variant])
                 orthogonal = options.pop("_orthogonal_memory", False)
                 slot = options.pop("_slot", None)
+                sofo._solve.damped_solve = _jacobi_damped_solve if options.pop("_jacobi", False) else _ORIGINAL_SOLVE
                 if options.pop("_adaptive_k", False):
                     make = lambda k, curvature=curvature, seed=seed, options=options: sofo.sofo(  # noqa: E731
                         tangent_size=k, curvature=curvature, key=seed, **options
