@@ -53,14 +53,11 @@ VARIANTS = {
     "step EMA 0.9": dict(memory_size=5, _slot=("step", 0.9, False)),
     "step EMA 0.99": dict(memory_size=5, _slot=("step", 0.99, False)),
     "oracle grad": dict(memory_size=5, _slot=("oracle", 0.0, False)),
-    # The library's opt-in form of "oracle grad": sofo.sofo(gradient_tangent=True), the backprop gradient
-    # passed as update's first argument becomes tangent 0, ahead of the (default 4) remembered directions.
-    "gradient tangent": dict(gradient_tangent=True),
     # Experimental: the K x K solve in Jacobi-scaled coordinates (each tangent rescaled to unit curvature,
     # diag(G~) = 1, before the relative damping), so one stiff tangent (the gradient of an RNN loss) does not
     # set the damping of all the others. Patched into sofo._solve for the run only.
     "jacobi": dict(_jacobi=True),
-    "gradient tangent + jacobi": dict(gradient_tangent=True, _jacobi=True),
+    "oracle grad + jacobi": dict(memory_size=5, _slot=("oracle", 0.0, False), _jacobi=True),
 }
 GROW_EVERY, MAX_TANGENTS = 10, 128
 
@@ -206,7 +203,7 @@ DEFAULT_TASKS = "seq_digits,mlp_regression"
 
 
 def _curve(params, fun, loss_fn, opt, iterations, sofo_opt, orthogonal_memory=False, slot=None,
-           tangent_size=32, sampler="balanced", cosines=None, pass_gradient=False):
+           tangent_size=32, sampler="balanced", cosines=None):
     """The loss after each of `iterations` steps (and, with `slot`, the cosine of slot 0 with the gradient
     at the step that uses it, appended to `cosines`)."""
     total = lambda q: loss_fn(fun(q))  # noqa: E731
@@ -225,7 +222,7 @@ def _curve(params, fun, loss_fn, opt, iterations, sofo_opt, orthogonal_memory=Fa
                     s = (state,) + tuple(s[1:])
                 used = _flat(state.memory, lead=1)[0].astype(jnp.float32)
                 cosine = jnp.dot(used, grad) / (jnp.linalg.norm(used) * jnp.linalg.norm(grad) + 1e-30)
-            u, s = opt.update(jax.grad(total)(p) if pass_gradient else None, s, p, fun=fun, loss_fn=loss_fn)
+            u, s = opt.update(None, s, p, fun=fun, loss_fn=loss_fn)
             if orthogonal_memory:
                 s = (_orthogonalise_memory(s[0]),) + tuple(s[1:])
             if slot is not None:
@@ -328,8 +325,7 @@ def main(argv=None):
                 else:
                     opt = sofo.sofo(tangent_size=args.tangent_size, curvature=curvature, key=seed, **options)
                     c = _curve(p, f, l, opt, args.iterations, True, orthogonal, slot, args.tangent_size,
-                               options.get("sampler", "balanced"), cosines if slot else None,
-                               options.get("gradient_tangent", False))
+                               options.get("sampler", "balanced"), cosines if slot else None)
                     ks = np.full(len(c), args.tangent_size)
                 finals.append(float(c[-1]))
                 mean_ks.append(float(np.mean(ks)))
