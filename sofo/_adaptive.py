@@ -74,10 +74,10 @@ class AdaptiveDamping(NamedTuple):
     noise alone drives the damping neither way, where the held-out ratio's verdict "poor" drifts it up.
     The same-batch verdict is kept only as the safety net: a rejected step, or rho < `lower_ratio`,
     still multiplies the damping by `increase` (and a rejected step is not compared); rho >
-    `upper_ratio` no longer lowers it (the comparison does). Measured (BENCHMARKS.md, issue 15): better
-    on minibatch digits and full-batch flip-flop, no better with fresh trials, where the damping that
-    is best one batch ahead is higher than the one that trains best over many steps (the short-horizon
-    bias of greedy step-size choice).
+    `upper_ratio` no longer lowers it (the comparison does). Measured (BENCHMARKS.md, issue 15): slightly
+    better on minibatch digits (within the seed spread) and on full-batch flip-flop, no better with
+    fresh trials, where the damping that is best one batch ahead is higher than the one that trains best
+    over many steps (the short-horizon bias of greedy step-size choice).
 
     Attributes:
       min_damping: the smallest damping (relative to the top curvature eigenvalue).
@@ -254,7 +254,8 @@ class PreviousStep(NamedTuple):
 
     Attributes:
       step: the step applied, step_size * direction (zeros if it was rejected), shaped like the params:
-        the params before it are the params after it plus `step`.
+        the params before it are the params after it plus `step`. None with `held_out_compare`, which
+        needs only `alternative` (one parameter-sized buffer either way).
       ratio: its reduction ratio on its own batch.
       curvature_term: the quadratic term of its predicted reduction, step_size^2 / 2 * c^T G~ c (0 if it
         was rejected or not finite, and before any step: nothing to re-judge).
@@ -284,14 +285,19 @@ def init_previous(params: Any, config: AdaptiveDamping | None, damping: Any, dty
     """An empty `PreviousStep` (nothing to re-judge), or None without next-batch re-judging."""
     if config is None or not config.next_batch:
         return None
-    step = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
     zero = jnp.zeros([], dtype)
     if not config.held_out_compare:
-        return PreviousStep(step, zero, zero, jnp.asarray(damping, dtype), zero, zero)
+        return PreviousStep(zeros, zero, zero, jnp.asarray(damping, dtype), zero, zero)
     # The first step compares with lambda * w: its predecessor (none) is taken to have used lambda / w.
-    alternative = jax.tree_util.tree_map(jnp.zeros_like, step)
     factor = jnp.asarray(1 / config.held_out_compare, dtype)
-    return PreviousStep(step, zero, zero, jnp.asarray(damping, dtype), zero, zero, alternative, factor)
+    return PreviousStep(None, zero, zero, jnp.asarray(damping, dtype), zero, zero, zeros, factor)
+
+
+def previous_buffer(previous: PreviousStep) -> Any:
+    """The parameter-shaped buffer a `PreviousStep` holds (`alternative` with held_out_compare, else `step`),
+    for the fronts' check that a state matches the params."""
+    return previous.alternative if previous.alternative is not None else previous.step
 
 
 def next_damping_fn(damping: jax.Array, ratio: jax.Array, accepted: jax.Array, config: AdaptiveDamping) -> jax.Array:
@@ -469,7 +475,7 @@ def adaptive_step(
         c = info.coefficients
         curvature_term = 0.5 * usable**2 * jnp.dot(c, info.curvature.astype(c.dtype) @ c)
         previous = PreviousStep(
-            step=jax.tree_util.tree_map(lambda h: (usable * h).astype(h.dtype), direction),
+            step=None if compare else jax.tree_util.tree_map(lambda h: (usable * h).astype(h.dtype), direction),
             ratio=ratio,
             curvature_term=jnp.where(accepted, curvature_term, 0.0).astype(dtype),
             damping=base_damping.astype(dtype),

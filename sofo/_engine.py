@@ -263,7 +263,9 @@ def value_and_sofo_grad(
       (see `sofo._tangents.sample`); the same key and memory give the same step. `extra_dampings`, a
       1-D array of E more dampings, also returns the directions the same sketch gives at those dampings
       (`info.extra_directions`, leading axis E, and `info.extra_coefficients`), at the cost of E more
-      K x K back-substitutions and projections V c (no more passes through the model).
+      K x K back-substitutions and projections V c (no more passes through the model; with streamed
+      Gaussian tangents, `tangent_chunk_size`, each projection draws the tangents chunk by chunk again).
+      Like `damping`, a traced `extra_dampings` is not checked for finite, non-negative values.
 
     Non-finite numbers: a NaN or inf in `params`, in the data `fun` closes over, in the model's outputs or
     in the loss is not caught (checking it would need a host round-trip inside `jit`); it propagates, so

@@ -49,8 +49,8 @@ class SofoState(NamedTuple):
         `AdaptiveDamping(held_out_compare=w)`, the alternative damping's gain on this batch over the
         previous step's curvature term (positive when it won).
       previous: the last step and what re-judging it needs (a `PreviousStep`: one parameter-sized
-        buffer, two with `held_out_compare`), or None without adaptive damping or with
-        `AdaptiveDamping(next_batch=False)`.
+        buffer, the step or, with `held_out_compare`, the alternative's offset), or None without adaptive
+        damping or with `AdaptiveDamping(next_batch=False)`.
     """
 
     key: jax.Array
@@ -331,7 +331,8 @@ def _check_state(state, params, front, memory_size, key_data, adaptive=None):
             f"{'AdaptiveDamping(held_out_compare=...)' if compares else 'no held-out comparison of dampings'}. {fix}"
         )
     if state.previous is not None and (
-        jax.tree_util.tree_structure(state.previous.step) != jax.tree_util.tree_structure(params)
+        jax.tree_util.tree_structure(_adaptive.previous_buffer(state.previous))
+        != jax.tree_util.tree_structure(params)
     ):
         raise ValueError(f"{front}: the optimizer state's previous step does not have params' structure. {fix}")
     key = jnp.asarray(state.key)

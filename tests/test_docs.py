@@ -17,8 +17,9 @@ keeps the examples true. Conventions for every page (keep them when adding secti
 - A block that imports an optional package that is not installed (equinox, flax, brainstate) is skipped.
 
 Only README.md and the getting-started page run by default (the front door); every other page's blocks
-are marked slow and run with `pytest -m slow` (CI runs both), which keeps the default suite short. Also here: the API coverage check (every public name has an API entry) and, marked slow,
-the full Sphinx build with warnings as errors.
+are marked slow and run with `pytest -m slow` (CI runs both), which keeps the default suite short. Also
+here: the API coverage check (every public name has an API entry) and, marked slow, the full Sphinx build
+with warnings as errors.
 """
 
 import importlib.util

@@ -134,10 +134,11 @@ def _update(opt, state, params, batch):
     return _jitted_update(opt, state, params, batch)
 
 
-def _compare_by_hand(batches, learning_rate, w=3.0):
+def _compare_by_hand(batches, learning_rate, w=3.0, events=None):
     """Runs scale_by_sofo(held_out_compare=w) with K = n orthonormal tangents over `batches` and checks
     every direction, alternative direction and damping against the rule applied by hand; returns the
-    verdicts (True: the alternative damping won) of the steps compared."""
+    verdicts (True: the alternative damping won) of the steps compared. `events`, a dict, counts the
+    safety net's raises ("poor") and the rejected steps ("rejected")."""
     config = sofo.AdaptiveDamping(held_out_compare=w)
     params = _params()
     n = _flat(params).size
@@ -175,6 +176,9 @@ def _compare_by_hand(batches, learning_rate, w=3.0):
         np.testing.assert_allclose(state.ratio, rho, rtol=1e-7)
         if not accepted or rho < config.lower_ratio:  # the same-batch safety net
             damping *= config.increase
+            if events is not None:
+                events["poor"] = events.get("poor", 0) + 1
+                events["rejected"] = events.get("rejected", 0) + (not accepted)
         np.testing.assert_allclose(state.damping, damping, rtol=1e-10)
         q = 0.5 * learning_rate**2 * expected @ gauss_newton @ expected
         previous = (params, alternative, factor, float(q)) if accepted else None
@@ -194,6 +198,18 @@ def test_held_out_compare_matches_a_hand_computation():
     verdicts += _compare_by_hand([_batch(20)] * 5, 1.0)
     # The streams must exercise both outcomes, or the test could not tell the rule from a constant.
     assert any(verdicts) and not all(verdicts)
+
+
+def test_held_out_compare_safety_net_and_rejections_match_a_hand_computation():
+    """Long steps (learning rates up to 2, where the quadratic model still predicts a decrease): the
+    same-batch safety net raises the damping and some steps are rejected (then not compared), as the hand
+    computation says; the streams must contain both events, or this test could not see them go wrong."""
+    events = {}
+    verdicts = []
+    for first, learning_rate in ((40, 1.9), (50, 1.99), (60, 1.99)):
+        verdicts += _compare_by_hand([_batch(first + i) for i in range(6)], learning_rate, events=events)
+    assert events.get("poor", 0) > events.get("rejected", 0) > 0, events
+    assert verdicts
 
 
 @pytest.mark.parametrize(
@@ -248,7 +264,9 @@ def test_brainstate_front_and_recurrent_transform_compare_too():
     for _ in range(3):
         updates, rnn_state = step(rnn_state, params0)
         params0 = jax.tree_util.tree_map(jnp.add, params0, updates)
-    assert rnn_state[0].previous.alternative is not None and np.isfinite(float(rnn_state[0].damping))
+    # One parameter-sized buffer, as without the comparison: the alternative offset in place of the step.
+    assert rnn_state[0].previous.alternative is not None and rnn_state[0].previous.step is None
+    assert np.isfinite(float(rnn_state[0].damping))
 
 
 def test_a_state_without_the_comparison_is_refused():

@@ -81,7 +81,8 @@ class AdaptiveState:
       accepted: whether the last direction was returned (False: it was rejected, zeros were returned).
       memory: the stored directions (in the engine's parameter layout), or None.
       held_out_ratio: the previous step's reduction ratio on this call's data (`sofo.AdaptiveDamping`'s
-        next_batch; None before the second call or without it).
+        next_batch; with held_out_compare, the alternative damping's gain over the step's curvature term
+        q instead; None before any call and without next_batch, 0 after the first call).
       previous: the last step, kept to re-judge it on the next call's data, or None.
     """
 
@@ -122,7 +123,8 @@ class AdaptiveState:
             # The initial damping within the schedule's bounds, as every later one (a no-op after a call).
             self.damping = float(_adaptive.initial_damping(self.damping, self.config, self.tangent_size, dtype))
         if self.previous is not None and (
-            jax.tree_util.tree_structure(self.previous.step) != jax.tree_util.tree_structure(params)
+            jax.tree_util.tree_structure(_adaptive.previous_buffer(self.previous))
+            != jax.tree_util.tree_structure(params)
         ):
             self.previous = None  # the differentiated States changed: nothing comparable to re-judge
         if self.previous is None:
