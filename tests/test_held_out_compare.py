@@ -16,37 +16,13 @@ import pytest
 
 import sofo
 
-N_IN, N_OUT, BATCH = 3, 2, 8
-
-
-def _model(w, x):
-    return jnp.tanh(x @ w["a"]) @ w["b"]
-
-
-def _mse(y, t):
-    return 0.5 * jnp.sum((y - t) ** 2) / y.shape[0]
+# The small problem of the next-batch damping tests (a 3-4-2 tanh network on float64 batches of 8).
+from test_stochastic_damping import BATCH, _batch, _flat, _model, _mse, _params  # noqa: E402
 
 
 def _loss(p, batch):
     x, t = batch
     return _mse(_model(p, x), t)
-
-
-def _params(seed=0):
-    ka, kb = jax.random.split(jax.random.key(seed))
-    return {
-        "a": jax.random.normal(ka, (N_IN, 4), jnp.float64) / np.sqrt(N_IN),
-        "b": jax.random.normal(kb, (4, N_OUT), jnp.float64) / 2.0,
-    }
-
-
-def _batch(seed):
-    kx, ky = jax.random.split(jax.random.key(100 + seed))
-    return jax.random.normal(kx, (BATCH, N_IN), jnp.float64), jax.random.normal(ky, (BATCH, N_OUT), jnp.float64)
-
-
-def _flat(tree):
-    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree_util.tree_leaves(tree)])
 
 
 def _dense(params, batch):
