@@ -175,9 +175,12 @@ def _finish(value, directional, curvature, project, damping, axis_name, extra_da
         coefficients, top = _solve.damped_solve(curvature, directional, damping)
         return value, project(coefficients), SofoInfo(top, directional, curvature, coefficients)
     coefficients, top, extra = _solve.damped_solve(curvature, directional, damping, extra_dampings)
-    directions = [project(extra[e]) for e in range(extra.shape[0])]
-    stacked = jax.tree_util.tree_map(lambda *hs: jnp.stack(hs), *directions)
-    return value, project(coefficients), SofoInfo(top, directional, curvature, coefficients, extra, stacked)
+    # One batched projection of the E + 1 coefficient vectors: what does not depend on them (the tangents,
+    # drawn again chunk by chunk when streamed) is computed once under vmap, not once per damping.
+    projected = jax.vmap(project)(jnp.concatenate([coefficients[None], extra.astype(coefficients.dtype)]))
+    direction = jax.tree_util.tree_map(lambda h: h[0], projected)
+    stacked = jax.tree_util.tree_map(lambda h: h[1:], projected)
+    return value, direction, SofoInfo(top, directional, curvature, coefficients, extra, stacked)
 
 
 def _project(tangents, coefficients, params):
@@ -263,8 +266,8 @@ def value_and_sofo_grad(
       (see `sofo._tangents.sample`); the same key and memory give the same step. `extra_dampings`, a
       1-D array of E more dampings, also returns the directions the same sketch gives at those dampings
       (`info.extra_directions`, leading axis E, and `info.extra_coefficients`), at the cost of E more
-      K x K back-substitutions and projections V c (no more passes through the model; with streamed
-      Gaussian tangents, `tangent_chunk_size`, each projection draws the tangents chunk by chunk again).
+      K x K back-substitutions and one batched projection V [c, c_1, ..., c_E] (no more passes through the
+      model, and streamed tangents are drawn once for all of them).
       Like `damping`, a traced `extra_dampings` is not checked for finite, non-negative values.
 
     Non-finite numbers: a NaN or inf in `params`, in the data `fun` closes over, in the model's outputs or
