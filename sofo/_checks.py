@@ -397,9 +397,9 @@ def check_extra_dampings(extra_dampings):
         values = jnp.asarray(extra_dampings)
     except (TypeError, ValueError):
         raise ValueError(message) from None
-    if values.ndim != 1 or values.shape[0] == 0 or not jnp.issubdtype(values.dtype, jnp.floating):
-        if not (values.ndim == 1 and values.shape[0] and jnp.issubdtype(values.dtype, jnp.integer)):
-            raise ValueError(message)
+    real = jnp.issubdtype(values.dtype, jnp.floating) or jnp.issubdtype(values.dtype, jnp.integer)
+    if values.ndim != 1 or values.shape[0] == 0 or not real:
+        raise ValueError(message)
     if not isinstance(values, jax.core.Tracer):
         concrete = np.asarray(values, np.float64)
         if not np.all(np.isfinite(concrete)) or np.any(concrete < 0):
