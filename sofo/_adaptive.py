@@ -74,7 +74,9 @@ class AdaptiveDamping(NamedTuple):
     noise alone drives the damping neither way, where the held-out ratio's verdict "poor" drifts it up.
     The same-batch verdict is kept only as the safety net: a rejected step, or rho < `lower_ratio`,
     still multiplies the damping by `increase` (and a rejected step is not compared); rho >
-    `upper_ratio` no longer lowers it (the comparison does). Measured (BENCHMARKS.md, issue 15): slightly
+    `upper_ratio` no longer lowers it (the comparison does). The alternative itself may lie outside
+    [min_damping, max_damping] (at the floor, lambda / w is below it); the damping kept is always clipped
+    back into them, so winning there leaves it at the bound. Measured (BENCHMARKS.md, issue 15): slightly
     better on minibatch digits (within the seed spread) and on full-batch flip-flop, no better with
     fresh trials, where the damping that is best one batch ahead is higher than the one that trains best
     over many steps (the short-horizon bias of greedy step-size choice).

@@ -260,3 +260,23 @@ def test_a_state_without_the_comparison_is_refused():
         _update(comparing, plain.init(params), params, batch)
     with pytest.raises(ValueError, match="holds an alternative step to compare, but this optimizer has no held-out"):
         _update(plain, comparing.init(params), params, batch)
+
+
+def test_an_alternative_below_the_floor_that_wins_leaves_the_damping_at_the_floor():
+    """At min_damping the alternative lambda / w lies below the bounds; when it wins (full batch, where the
+    less damped step is better), the kept damping is clipped back to min_damping, never below."""
+    floor = 0.05
+    config = sofo.AdaptiveDamping(held_out_compare=3.0, min_damping=floor)
+    params, batch = _params(), _batch(20)
+    opt = sofo.scale_by_sofo(
+        tangent_size=_flat(params).size, sampler="orthonormal", damping=floor, adaptive_damping=config, key=3
+    )
+    state = opt.init(params)
+    wins_below = 0
+    for _ in range(8):
+        compared_factor = float(state.previous.alternative_factor)  # the factor of the step now judged
+        h, state = _update(opt, state, params, batch)
+        params = jax.tree_util.tree_map(lambda p, d: p - d, params, h)
+        assert floor * (1 - 1e-12) <= float(state.damping) <= config.max_damping
+        wins_below += compared_factor < 1 and float(state.held_out_ratio) > 0
+    assert wins_below > 0  # the clip was exercised: an alternative below the floor won at least once
