@@ -253,6 +253,9 @@ VARIANTS: dict[str, Any] = {
     "compare_1.7": sofo.AdaptiveDamping(held_out_compare=3.0**0.5),
     # the same, with the same-batch safety net reduced to rejected steps (rho >= 0 for an accepted one)
     "compare_3_reject_only": sofo.AdaptiveDamping(held_out_compare=3.0, lower_ratio=0.0),
+    # a constant damping (the bounds pinned, the same-batch rule left only to reject steps): fixed_0.3 etc.
+    **{f"fixed_{x:g}": sofo.AdaptiveDamping(min_damping=x, max_damping=x, next_batch=False)
+       for x in (1e-5, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)},
 }
 
 
