@@ -76,7 +76,9 @@ class AdaptiveDamping(NamedTuple):
     still multiplies the damping by `increase` (and a rejected step is not compared); rho >
     `upper_ratio` no longer lowers it (the comparison does). The alternative itself may lie outside
     [min_damping, max_damping] (at the floor, lambda / w is below it); the damping kept is always clipped
-    back into them, so winning there leaves it at the bound. Measured (BENCHMARKS.md, issue 15): slightly
+    back into them, so winning there leaves it at the bound. The state records only which side the next
+    alternative lies on; w is always this configuration's, so a state saved with another w goes on with
+    this one (the step judged first keeps the factor it was taken with). Measured (BENCHMARKS.md, issue 15): slightly
     better on minibatch digits (within the seed spread) and on full-batch flip-flop, no better with
     fresh trials, where the damping that is best one batch ahead is higher than the one that trains best
     over many steps (the short-horizon bias of greedy step-size choice).
@@ -380,8 +382,11 @@ def adaptive_step(
     compare = config is not None and previous is not None and bool(config.held_out_compare)
     if compare:
         # The alternative damping alternates between lambda * w and lambda / w from step to step; the
-        # engine solves the same sketch at it (one more back-substitution and projection).
-        factor = (1 / jnp.asarray(previous.alternative_factor, dtype)).astype(dtype)
+        # engine solves the same sketch at it (one more back-substitution and projection). Only the side
+        # (above or below) comes from the state, w from this config: a state restored into an optimizer
+        # with another w goes on with the new w, rather than silently keeping the saved one.
+        w = jnp.asarray(config.held_out_compare, dtype)
+        factor = jnp.where(jnp.asarray(previous.alternative_factor, dtype) > 1, 1 / w, w).astype(dtype)
         value, direction, info = step(damping, memory, jnp.reshape(jnp.asarray(damping, dtype) * factor, (1,)))
         alternative_direction = jax.tree_util.tree_map(lambda h: h[0], info.extra_directions)
     else:

@@ -280,3 +280,47 @@ def test_an_alternative_below_the_floor_that_wins_leaves_the_damping_at_the_floo
         assert floor * (1 - 1e-12) <= float(state.damping) <= config.max_damping
         wins_below += compared_factor < 1 and float(state.held_out_ratio) > 0
     assert wins_below > 0  # the clip was exercised: an alternative below the floor won at least once
+
+
+def test_a_state_saved_with_another_factor_goes_on_with_this_configurations_factor():
+    """A state from held_out_compare=3 continued by an optimizer with held_out_compare=sqrt(3) (e.g. a
+    checkpoint restored into a retuned optimizer): the step judged first keeps the factor it was taken with,
+    and the new step's alternative is the dense solve at damping * sqrt(3)^(+-1), not at damping * 3^(+-1)."""
+    params = _params()
+    n = _flat(params).size
+    unravel = jax.flatten_util.ravel_pytree(params)[1]
+
+    def make(w):
+        config = sofo.AdaptiveDamping(held_out_compare=w)
+        return sofo.scale_by_sofo(
+            tangent_size=n, sampler="orthonormal", damping=0.1, adaptive_damping=config, key=3
+        )
+
+    old, new = make(3.0), make(3.0**0.5)
+    state = old.init(params)
+    for i in range(2):
+        h, state = _update(old, state, params, _batch(i))
+        params = jax.tree_util.tree_map(lambda p, d: p - d, params, h)
+    saved_factor = float(state.previous.alternative_factor)
+    assert np.isclose(saved_factor, 3.0) or np.isclose(saved_factor, 1 / 3.0)
+    saved_offset = _flat(state.previous.alternative)
+    batch = _batch(3)  # a batch on which the saved (lower) alternative wins, under both jax bit streams
+    before = float(state.damping)
+    alternative_value = float(_loss(unravel(_flat(params) + saved_offset), batch))
+    value = float(_loss(params, batch))
+    gauss_newton, gradient = _dense(params, batch)
+    h, state = _update(new, state, params, batch)
+    expected_factor = 3.0**-0.5 if saved_factor > 1 else 3.0**0.5
+    np.testing.assert_allclose(float(state.previous.alternative_factor), expected_factor, rtol=1e-12)
+    assert bool(state.accepted), "the stream must give an accepted step, or the offset is not checked"
+    # This step uses the damping the last call left (the comparison moves the next one).
+    direction = _damped_direction(gauss_newton, gradient, before)
+    alternative = _damped_direction(gauss_newton, gradient, before * expected_factor)
+    np.testing.assert_allclose(_flat(h), direction, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(_flat(state.previous.alternative), direction - alternative, rtol=1e-7, atol=1e-12)
+    # The step judged first was taken with the old factor, and its win moves the damping by that factor.
+    assert alternative_value < value, "the stream must make the old alternative win, or its factor is not checked"
+    moved = before * saved_factor
+    rho = float(state.ratio)
+    safety = 3.0 if rho < 0.25 else 1.0
+    np.testing.assert_allclose(float(state.damping), moved * safety, rtol=1e-10)
