@@ -78,10 +78,10 @@ class AdaptiveDamping(NamedTuple):
     [min_damping, max_damping] (at the floor, lambda / w is below it); the damping kept is always clipped
     back into them, so winning there leaves it at the bound. The state records only which side the next
     alternative lies on; w is always this configuration's, so a state saved with another w goes on with
-    this one (the step judged first keeps the factor it was taken with). Measured (BENCHMARKS.md, issue 15): slightly
-    better on minibatch digits (within the seed spread) and on full-batch flip-flop, no better with
-    fresh trials, where the damping that is best one batch ahead is higher than the one that trains best
-    over many steps (the short-horizon bias of greedy step-size choice).
+    this one (the step judged first keeps the factor it was taken with). Measured (BENCHMARKS.md, issue
+    15): slightly better on minibatch digits (within the seed spread) and on full-batch flip-flop, no
+    better with fresh trials, where the damping that is best one batch ahead is higher than the one that
+    trains best over many steps (the short-horizon bias of greedy step-size choice).
 
     Attributes:
       min_damping: the smallest damping (relative to the top curvature eigenvalue).
