@@ -321,6 +321,10 @@ def test_a_state_saved_with_another_factor_goes_on_with_this_configurations_fact
     # The step judged first was taken with the old factor, and its win moves the damping by that factor.
     assert alternative_value < value, "the stream must make the old alternative win, or its factor is not checked"
     moved = before * saved_factor
-    rho = float(state.ratio)
+    # The same-batch safety net, from rho recomputed by hand (dense direction, loss, quadratic model).
+    new_value = float(_loss(unravel(_flat(params) - direction), batch))
+    predicted = float(direction @ gradient - 0.5 * direction @ gauss_newton @ direction)
+    rho = (value - new_value) / predicted
+    np.testing.assert_allclose(float(state.ratio), rho, rtol=1e-7)
     safety = 3.0 if rho < 0.25 else 1.0
     np.testing.assert_allclose(float(state.damping), moved * safety, rtol=1e-10)
