@@ -53,6 +53,10 @@ VARIANTS = {
     "step EMA 0.9": dict(memory_size=5, _slot=("step", 0.9, False)),
     "step EMA 0.99": dict(memory_size=5, _slot=("step", 0.99, False)),
     "oracle grad": dict(memory_size=5, _slot=("oracle", 0.0, False)),
+    # "params": the current parameters theta_t themselves (forward-mode: no gradient needed). On separable
+    # cross-entropy the negative gradient aligns with theta late in training (the margin grows with the
+    # weights' scale), so theta is a free gradient proxy there.
+    "params slot": dict(memory_size=5, _slot=("params", 0.0, False)),
     # Experimental: the K x K solve in Jacobi-scaled coordinates (each tangent rescaled to unit curvature,
     # diag(G~) = 1, before the relative damping), so one stiff tangent (the gradient of an RNN loss) does not
     # set the damping of all the others. Patched into sofo._solve for the run only.
@@ -216,8 +220,9 @@ def _curve(params, fun, loss_fn, opt, iterations, sofo_opt, orthogonal_memory=Fa
             if slot is not None:
                 kind, beta, random_only = slot
                 grad = _flat(jax.grad(total)(p)).astype(jnp.float32)
-                if kind == "oracle":
-                    state = _with_slot(state._replace(accepted=jnp.asarray(False)), state.memory, grad)
+                if kind in ("oracle", "params"):
+                    fill = grad if kind == "oracle" else _flat(p).astype(jnp.float32)
+                    state = _with_slot(state._replace(accepted=jnp.asarray(False)), state.memory, fill)
                     state = state._replace(accepted=s[0].accepted)
                     s = (state,) + tuple(s[1:])
                 used = _flat(state.memory, lead=1)[0].astype(jnp.float32)
@@ -233,8 +238,8 @@ def _curve(params, fun, loss_fn, opt, iterations, sofo_opt, orthogonal_memory=Fa
                     )
                 elif kind == "step":
                     acc = jnp.where(s[0].accepted, beta * acc + (1 - beta) * _flat(u).astype(jnp.float32), acc)
-                else:  # the oracle's slot is refilled before the next step
-                    acc = grad
+                else:  # the oracle's (or the params') slot is refilled before the next step
+                    acc = grad if kind == "oracle" else _flat(p).astype(jnp.float32)
                 s = (_with_slot(s[0], state.memory, acc),) + tuple(s[1:])
         else:
             u, s = opt.update(jax.grad(total)(p), s, p)
