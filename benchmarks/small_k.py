@@ -239,7 +239,7 @@ def _curve(params, fun, loss_fn, opt, iterations, sofo_opt, orthogonal_memory=Fa
                 elif kind == "step":
                     acc = jnp.where(s[0].accepted, beta * acc + (1 - beta) * _flat(u).astype(jnp.float32), acc)
                 else:  # the oracle's (or the params') slot is refilled before the next step
-                    acc = grad if kind == "oracle" else _flat(p).astype(jnp.float32)
+                    acc = fill
                 s = (_with_slot(s[0], state.memory, acc),) + tuple(s[1:])
         else:
             u, s = opt.update(jax.grad(total)(p), s, p)
